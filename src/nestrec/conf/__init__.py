@@ -1,0 +1,1 @@
+# Makes the shipped Hydra configs importable as ``pkg://nestrec.conf``.

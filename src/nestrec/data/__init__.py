@@ -1,0 +1,1 @@
+"""Data: on-disk formats, fetching, the Parquet cache, splits, scenarios and the datamodule."""

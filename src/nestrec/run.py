@@ -1,0 +1,263 @@
+"""``python -m nestrec.run recipe=NAME [overrides]``: compose a recipe, train, evaluate, summarise.
+
+The life of a run, top to bottom: check the recipe name (before Hydra, so a typo gets the list of
+recipes instead of a stack trace) → compose the config → seed → build the data module, the model
+stage and a Lightning ``Trainer`` from config → fit → test on the best checkpoint → write
+``summary.json`` into Hydra's run directory (rank 0 only) and print the headline metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import sys
+import time
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = ["available_recipes", "main", "train"]
+
+_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc"}
+
+
+def available_recipes() -> list[str]:
+    """Names of the recipes shipped in ``nestrec/conf/recipe`` (works from a wheel install too)."""
+    folder = resources.files("nestrec.conf").joinpath("recipe")
+    return sorted(entry.name[: -len(".yaml")] for entry in folder.iterdir() if entry.name.endswith(".yaml"))
+
+
+def _requested_recipes(argv: list[str]) -> list[str] | None:
+    for arg in argv:
+        match = re.fullmatch(r"\+{0,2}recipe=(.*)", arg)
+        if match:
+            value = match.group(1).strip()
+            value = re.sub(r"^(choice|range)\((.*)\)$", r"\2", value)
+            return [v.strip().strip("'\"") for v in value.split(",") if v.strip()]
+    return None
+
+
+def _check_recipe(argv: list[str]) -> None:
+    """Exit 2 with the list of recipes if none (or an unknown one) was asked for."""
+    if _INFO_FLAGS.intersection(argv) or any(a.startswith(("--cfg", "-c", "--package", "-p")) for a in argv):
+        return
+    recipes = available_recipes()
+    listing = "\n".join(f"  {name}" for name in recipes)
+    requested = _requested_recipes(argv)
+    if not requested:
+        print(f"error: no recipe given. Usage: python -m nestrec.run recipe=NAME [overrides]\navailable recipes:\n{listing}", file=sys.stderr)
+        raise SystemExit(2)
+    if any(arg.startswith("hydra.searchpath") for arg in argv):
+        return  # recipes may come from the user's own search path; Hydra reports unknown ones
+    unknown = [name for name in requested if name not in recipes]
+    if unknown:
+        print(f"error: unknown recipe {', '.join(unknown)}\navailable recipes:\n{listing}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def main() -> None:
+    """Console entry point (``nestrec-run`` / ``python -m nestrec.run``)."""
+    argv = sys.argv[1:]
+    _check_recipe(argv)
+    if "-m" in argv or "--multirun" in argv:
+        # Lightning's popen DDP launcher re-runs this command per rank; the children must resolve
+        # the same sweep directory as the parent, which `${now:...}` alone would not give them.
+        os.environ.setdefault("NESTREC_SWEEP_DIR", f"multirun/{datetime.now():%Y-%m-%d/%H-%M-%S}")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    _hydra_main()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    return train(cfg)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _output_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _recipe_name() -> str | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.choices.get("recipe")
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Stable hash of the resolved run config (Hydra's own settings excluded), to group sweep results."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_strategy(cfg: DictConfig) -> Any:
+    from hydra.utils import instantiate
+
+    if cfg.get("_target_"):
+        return instantiate(cfg)
+    return cfg.get("name", "auto")
+
+
+def build_logger(cfg: DictConfig | None, output_dir: Path, run_name: str) -> Any:
+    from hydra.utils import instantiate
+
+    if not cfg or not cfg.get("_target_"):
+        return False
+    target = cfg["_target_"]
+    if target.endswith("WandbLogger"):
+        return instantiate(cfg, save_dir=str(output_dir), name=run_name)
+    return instantiate(cfg, save_dir=str(output_dir))
+
+
+def build_callbacks(cfg: DictConfig, output_dir: Path) -> list:
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    checkpoint = ModelCheckpoint(
+        dirpath=str(output_dir / "checkpoints"),
+        filename="best-epoch{epoch:03d}",
+        auto_insert_metric_name=False,
+        monitor=cfg.run.monitor,
+        mode=cfg.run.monitor_mode,
+        save_top_k=1,
+        save_last=True,
+    )
+    callbacks: list = [checkpoint]
+    if cfg.run.early_stopping_patience:
+        callbacks.append(EarlyStopping(monitor=cfg.run.monitor, mode=cfg.run.monitor_mode, patience=cfg.run.early_stopping_patience))
+    return callbacks
+
+
+def _versions() -> dict[str, str]:
+    import hydra as hydra_pkg
+    import lightning
+    import torch
+    import torchmetrics
+
+    import nestrec
+
+    return {
+        "nestrec": nestrec.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "hydra": hydra_pkg.__version__,
+        "torchmetrics": torchmetrics.__version__,
+    }
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def _scalar(value: Any) -> float:
+    return float(value.item() if hasattr(value, "item") else value)
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Run one job from a composed config; returns the monitored metric (for Hydra sweepers)."""
+    import lightning.pytorch as pl
+    from hydra.utils import instantiate
+
+    started = time.time()
+    output_dir = _output_dir()
+    recipe = _recipe_name()
+    pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model = instantiate(cfg.model, _convert_="all", **datamodule.model_kwargs())
+
+    callbacks = build_callbacks(cfg, output_dir)
+    logger = build_logger(cfg.get("logger"), output_dir, run_name=f"{recipe}-{output_dir.name}")
+    trainer = instantiate(
+        cfg.trainer,
+        strategy=build_strategy(cfg.strategy),
+        logger=logger,
+        callbacks=callbacks,
+        default_root_dir=str(output_dir),
+        _convert_="all",
+    )
+    if trainer.is_global_zero:
+        print(f"[nestrec] recipe={recipe} data={json.dumps(datamodule.describe())}", flush=True)
+        if logger:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    if cfg.run.fit:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.run.ckpt_path)
+    checkpoint = callbacks[0]
+    metrics: dict[str, float] = {}
+    if cfg.run.fit:
+        metrics.update({k: _scalar(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))})
+    if cfg.run.test:
+        if cfg.run.fit:
+            ckpt_path = "best" if checkpoint.best_model_path else None
+        else:
+            ckpt_path = cfg.run.ckpt_path
+        results = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+        for result in results:
+            metrics.update({k: _scalar(v) for k, v in result.items()})
+
+    summary = {
+        "recipe": recipe,
+        "status": "ok",
+        "metrics": metrics,
+        "monitor": cfg.run.monitor,
+        "best_checkpoint": checkpoint.best_model_path or None,
+        "best_score": _scalar(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
+        "global_step": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "config_hash": config_hash(cfg),
+        "wall_time_s": round(time.time() - started, 2),
+        "data": datamodule.describe(),
+        "world_size": trainer.world_size,
+        "output_dir": str(output_dir),
+        "versions": _versions(),
+        "finished_at": datetime.now().isoformat(timespec="seconds"),
+    }
+    if trainer.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(output_dir / "summary.json", summary)
+        _print_headline(summary)
+    _finish_wandb(logger)
+    monitored = metrics.get(cfg.run.monitor)
+    return monitored
+
+
+def _finish_wandb(logger: Any) -> None:
+    """Close the W&B run so the next job of a sweep (same process) starts a fresh one."""
+    if logger and type(logger).__name__ == "WandbLogger":
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+def _print_headline(summary: dict) -> None:
+    metrics = summary["metrics"]
+    for stage in ("val", "test"):
+        if f"{stage}/hr@10" in metrics:
+            print(f"[nestrec] {stage}: HR@10={metrics[f'{stage}/hr@10']:.4f} NDCG@10={metrics[f'{stage}/ndcg@10']:.4f}")
+    for key in sorted(metrics):
+        match = re.fullmatch(r"test/([^/]+)/ndcg@10", key)
+        if match and match.group(1) != "overall":
+            name = match.group(1)
+            print(f"[nestrec]   test {name:<9} HR@10={metrics[f'test/{name}/hr@10']:.4f} NDCG@10={metrics[key]:.4f}")
+    print(f"[nestrec] summary: {summary['output_dir']}/summary.json ({summary['wall_time_s']:.1f}s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

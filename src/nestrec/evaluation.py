@@ -31,7 +31,11 @@ class NextItemRecommender(pl.LightningModule):
         super().__init__()
         self.num_items = num_items
         self.exclude_history = exclude_history
-        mask = genre_item_mask if genre_item_mask is not None else torch.zeros(0, num_items + 1, dtype=torch.bool)
+        mask = (
+            genre_item_mask
+            if genre_item_mask is not None
+            else torch.zeros(0, num_items + 1, dtype=torch.bool)
+        )
         # Derived from the data each run, so it is not part of the checkpointed state.
         self.register_buffer("genre_item_mask", mask.bool(), persistent=False)
         self.val_metrics = RankingMetrics(tuple(ks), SCENARIO_KINDS)

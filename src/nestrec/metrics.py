@@ -16,7 +16,9 @@ from torchmetrics import Metric
 __all__ = ["RankingMetrics", "target_ranks"]
 
 
-def target_ranks(scores: torch.Tensor, targets: torch.Tensor, candidate_mask: torch.Tensor | None = None) -> torch.Tensor:
+def target_ranks(
+    scores: torch.Tensor, targets: torch.Tensor, candidate_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """0-based rank of each target among the allowed candidates (number of candidates scored higher).
 
     ``scores``: ``[B, num_items + 1]``; column 0 (padding) is never a candidate. ``candidate_mask``
@@ -37,7 +39,9 @@ class RankingMetrics(Metric):
     full_state_update = False
     higher_is_better = True
 
-    def __init__(self, ks: tuple[int, ...] = (1, 5, 10, 20, 50), scenario_names: tuple[str, ...] = ("homepage",)):
+    def __init__(
+        self, ks: tuple[int, ...] = (1, 5, 10, 20, 50), scenario_names: tuple[str, ...] = ("homepage",)
+    ):
         super().__init__()
         self.ks = tuple(int(k) for k in ks)
         self.scenario_names = tuple(scenario_names)
@@ -66,7 +70,9 @@ class RankingMetrics(Metric):
         results: dict[str, torch.Tensor] = {}
         groups = [("overall", torch.ones_like(scenario, dtype=torch.bool))]
         if len(set(scenario.tolist())) > 1 or len(self.scenario_names) > 1:
-            groups += [(name, scenario == i) for i, name in enumerate(self.scenario_names) if (scenario == i).any()]
+            groups += [
+                (name, scenario == i) for i, name in enumerate(self.scenario_names) if (scenario == i).any()
+            ]
         for name, mask in groups:
             r = rank[mask]
             for k in self.ks:

@@ -52,7 +52,10 @@ def _check_recipe(argv: list[str]) -> None:
     listing = "\n".join(f"  {name}" for name in recipes)
     requested = _requested_recipes(argv)
     if not requested:
-        print(f"error: no recipe given. Usage: python -m nestrec.run recipe=NAME [overrides]\navailable recipes:\n{listing}", file=sys.stderr)
+        print(
+            f"error: no recipe given. Usage: python -m nestrec.run recipe=NAME [overrides]\navailable recipes:\n{listing}",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     if any(arg.startswith("hydra.searchpath") for arg in argv):
         return  # recipes may come from the user's own search path; Hydra reports unknown ones
@@ -134,7 +137,11 @@ def build_callbacks(cfg: DictConfig, output_dir: Path) -> list:
     )
     callbacks: list = [checkpoint]
     if cfg.run.early_stopping_patience:
-        callbacks.append(EarlyStopping(monitor=cfg.run.monitor, mode=cfg.run.monitor_mode, patience=cfg.run.early_stopping_patience))
+        callbacks.append(
+            EarlyStopping(
+                monitor=cfg.run.monitor, mode=cfg.run.monitor_mode, patience=cfg.run.early_stopping_patience
+            )
+        )
     return callbacks
 
 
@@ -201,12 +208,13 @@ def train(cfg: DictConfig) -> float | None:
     checkpoint = callbacks[0]
     metrics: dict[str, float] = {}
     if cfg.run.fit:
-        metrics.update({k: _scalar(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))})
+        metrics.update(
+            {k: _scalar(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
+        )
     if cfg.run.test:
-        if cfg.run.fit:
-            ckpt_path = "best" if checkpoint.best_model_path else None
-        else:
-            ckpt_path = cfg.run.ckpt_path
+        # After fitting, test the best checkpoint; in test-only runs, the one given.
+        best = "best" if checkpoint.best_model_path else None
+        ckpt_path = best if cfg.run.fit else cfg.run.ckpt_path
         results = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
         for result in results:
             metrics.update({k: _scalar(v) for k, v in result.items()})
@@ -217,7 +225,9 @@ def train(cfg: DictConfig) -> float | None:
         "metrics": metrics,
         "monitor": cfg.run.monitor,
         "best_checkpoint": checkpoint.best_model_path or None,
-        "best_score": _scalar(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
+        "best_score": _scalar(checkpoint.best_model_score)
+        if checkpoint.best_model_score is not None
+        else None,
         "global_step": trainer.global_step,
         "epochs": trainer.current_epoch,
         "config_hash": config_hash(cfg),
@@ -250,13 +260,19 @@ def _print_headline(summary: dict) -> None:
     metrics = summary["metrics"]
     for stage in ("val", "test"):
         if f"{stage}/hr@10" in metrics:
-            print(f"[nestrec] {stage}: HR@10={metrics[f'{stage}/hr@10']:.4f} NDCG@10={metrics[f'{stage}/ndcg@10']:.4f}")
+            print(
+                f"[nestrec] {stage}: HR@10={metrics[f'{stage}/hr@10']:.4f} NDCG@10={metrics[f'{stage}/ndcg@10']:.4f}"
+            )
     for key in sorted(metrics):
         match = re.fullmatch(r"test/([^/]+)/ndcg@10", key)
         if match and match.group(1) != "overall":
             name = match.group(1)
-            print(f"[nestrec]   test {name:<9} HR@10={metrics[f'test/{name}/hr@10']:.4f} NDCG@10={metrics[key]:.4f}")
-    print(f"[nestrec] summary: {summary['output_dir']}/summary.json ({summary['wall_time_s']:.1f}s)", flush=True)
+            print(
+                f"[nestrec]   test {name:<9} HR@10={metrics[f'test/{name}/hr@10']:.4f} NDCG@10={metrics[key]:.4f}"
+            )
+    print(
+        f"[nestrec] summary: {summary['output_dir']}/summary.json ({summary['wall_time_s']:.1f}s)", flush=True
+    )
 
 
 if __name__ == "__main__":

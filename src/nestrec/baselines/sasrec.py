@@ -45,7 +45,11 @@ class CausalSelfAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         batch, length, dim = x.shape
-        q, k, v = self.qkv(self.attn_norm(x)).view(batch, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            self.qkv(self.attn_norm(x))
+            .view(batch, length, 3, self.heads, dim // self.heads)
+            .permute(2, 0, 3, 1, 4)
+        )
         attended = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attention_dropout if self.training else 0.0
         )
@@ -71,7 +75,9 @@ class SASRec(nn.Module):
         self.item_embedding = nn.Embedding(num_items + 1, dim, padding_idx=0)
         self.position_embedding = nn.Embedding(max_len, dim)
         self.embed_dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(CausalSelfAttentionBlock(dim, heads, dropout, attention_dropout) for _ in range(blocks))
+        self.blocks = nn.ModuleList(
+            CausalSelfAttentionBlock(dim, heads, dropout, attention_dropout) for _ in range(blocks)
+        )
         self.final_norm = nn.LayerNorm(dim)
         self.scale = math.sqrt(dim)
         nn.init.normal_(self.item_embedding.weight, std=dim**-0.5)
@@ -137,7 +143,9 @@ class SASRecModule(NextItemRecommender):
             weight = self.model.item_embedding.weight
             pos = (hidden * weight[target]).sum(-1)
             neg = (hidden * weight[negatives]).sum(-1)
-            loss = F.binary_cross_entropy_with_logits(torch.cat([pos, neg]), torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]))
+            loss = F.binary_cross_entropy_with_logits(
+                torch.cat([pos, neg]), torch.cat([torch.ones_like(pos), torch.zeros_like(neg)])
+            )
         self.log("train/loss", loss, prog_bar=True, batch_size=int(present.shape[0]))
         return loss
 
@@ -146,4 +154,6 @@ class SASRecModule(NextItemRecommender):
         return self.model.scores(hidden)
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, betas=(0.9, 0.98), weight_decay=self.hparams.weight_decay)
+        return torch.optim.AdamW(
+            self.parameters(), lr=self.hparams.lr, betas=(0.9, 0.98), weight_decay=self.hparams.weight_decay
+        )

@@ -92,7 +92,9 @@ class SequenceDataModule(pl.LightningDataModule):
         if unknown:
             raise ValueError(f"unknown scenario(s) {unknown}; known: {', '.join(SCENARIO_KINDS)}")
         if path is None and dataset not in SOURCES and dataset != "fixture":
-            raise ValueError(f"unknown dataset {dataset!r}: use one of {', '.join([*SOURCES, 'fixture'])} or set data.path")
+            raise ValueError(
+                f"unknown dataset {dataset!r}: use one of {', '.join([*SOURCES, 'fixture'])} or set data.path"
+            )
         self.save_hyperparameters()
         self.data: RecDataset | None = None
         self.split: Split | None = None
@@ -131,7 +133,9 @@ class SequenceDataModule(pl.LightningDataModule):
         self.split = make_split(data, hp.split, **(dict(hp.temporal or {}) if hp.split == "temporal" else {}))
         self._tensors["train"] = self._train_tensors(self.split)
         for name, samples in (("valid", self.split.valid), ("test", self.split.test)):
-            scenario_rows = derive_scenarios(data, samples.users, samples.histories, samples.targets, hp.scenarios)
+            scenario_rows = derive_scenarios(
+                data, samples.users, samples.histories, samples.targets, hp.scenarios
+            )
             self.eval_scenarios[name] = scenario_rows
             self._tensors[name] = self._eval_tensors(samples, scenario_rows)
 
@@ -171,7 +175,11 @@ class SequenceDataModule(pl.LightningDataModule):
 
     def model_kwargs(self) -> dict:
         """What a model needs to know about the data to be built (passed by ``nestrec.run``)."""
-        return {"num_items": self.num_items, "max_len": self.hparams.max_len, "genre_item_mask": self.genre_item_mask()}
+        return {
+            "num_items": self.num_items,
+            "max_len": self.hparams.max_len,
+            "genre_item_mask": self.genre_item_mask(),
+        }
 
     def describe(self) -> dict:
         self._require_setup()
@@ -220,4 +228,10 @@ def _first_users(data: RecDataset, count: int) -> RecDataset:
     items = data.items[data.items["item"].isin(items_kept)].copy()
     items["item"] = remap[items["item"].to_numpy()]
     users = data.users[data.users["user"] < count]
-    return RecDataset(data.name, inter.reset_index(drop=True), items.reset_index(drop=True), users.reset_index(drop=True), data.genre_vocab)
+    return RecDataset(
+        data.name,
+        inter.reset_index(drop=True),
+        items.reset_index(drop=True),
+        users.reset_index(drop=True),
+        data.genre_vocab,
+    )

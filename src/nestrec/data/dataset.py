@@ -15,6 +15,7 @@ full-ranking evaluation ranks over (ML-1M: 3,706 items).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -80,16 +81,28 @@ def process(raw: RawDataset, min_user_interactions: int = 5, min_item_interactio
         if len(inter) == before:
             break
     if inter.empty:
-        raise DataFormatError(f"{raw.name}: no interactions left after filtering (min_user_interactions={min_user_interactions})")
+        raise DataFormatError(
+            f"{raw.name}: no interactions left after filtering (min_user_interactions={min_user_interactions})"
+        )
 
     items_meta = raw.items.drop_duplicates("item_id").set_index("item_id")
     item_ids = np.sort(inter["item_id"].unique())
     user_ids = inter["user_id"].unique()
-    user_ids = user_ids[np.argsort(pd.to_numeric(pd.Series(user_ids).str.extract(r"(\d+)$")[0], errors="coerce").fillna(-1).to_numpy(), kind="stable")]
+    user_ids = user_ids[
+        np.argsort(
+            pd.to_numeric(pd.Series(user_ids).str.extract(r"(\d+)$")[0], errors="coerce")
+            .fillna(-1)
+            .to_numpy(),
+            kind="stable",
+        )
+    ]
 
     item_index = pd.Series(np.arange(1, len(item_ids) + 1, dtype=np.int32), index=item_ids)
     user_index = pd.Series(np.arange(len(user_ids), dtype=np.int32), index=user_ids)
-    inter = inter.assign(user=inter["user_id"].map(user_index).astype(np.int32), item=inter["item_id"].map(item_index).astype(np.int32))
+    inter = inter.assign(
+        user=inter["user_id"].map(user_index).astype(np.int32),
+        item=inter["item_id"].map(item_index).astype(np.int32),
+    )
     inter = inter.sort_values(["user", "timestamp", "order"], kind="stable")
     interactions = inter[["user", "item", "rating", "timestamp"]].reset_index(drop=True)
 
@@ -99,7 +112,7 @@ def process(raw: RawDataset, min_user_interactions: int = 5, min_item_interactio
             "item": item_index.to_numpy(),
             "item_id": item_ids,
             "title": meta["title"].fillna(pd.Series(item_ids, index=item_ids)).to_numpy(),
-            "year": meta["year"].astype("Int64").to_numpy(),
+            "year": meta["year"].astype("Int64").array,
             "genres": meta["genres"].fillna("").to_numpy(),
         }
     )
@@ -107,9 +120,13 @@ def process(raw: RawDataset, min_user_interactions: int = 5, min_item_interactio
 
     users = pd.DataFrame({"user": user_index.to_numpy(), "user_id": user_ids})
     if len(raw.users):
-        profile = raw.users.drop_duplicates("user_id").set_index("user_id").reindex(user_ids).reset_index(drop=True)
+        profile = (
+            raw.users.drop_duplicates("user_id").set_index("user_id").reindex(user_ids).reset_index(drop=True)
+        )
         users = pd.concat([users, profile.astype(str)], axis=1)
-    return Dataset(name=raw.name, interactions=interactions, items=items, users=users, genre_vocab=genre_vocab)
+    return Dataset(
+        name=raw.name, interactions=interactions, items=items, users=users, genre_vocab=genre_vocab
+    )
 
 
 def _fingerprint(path: Path, fmt: str, name: str | None, settings: dict) -> str:
@@ -152,10 +169,9 @@ def load_dataset(
             "num_interactions": len(dataset.interactions),
         }  # fmt: skip
         (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
+        # If another rank won the race the rename fails; its cache is equivalent.
+        with contextlib.suppress(OSError):
             staging.rename(target)
-        except OSError:  # another rank won the race; its cache is equivalent
-            pass
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return dataset

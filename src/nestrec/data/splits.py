@@ -78,8 +78,15 @@ def leave_one_out(ds: Dataset) -> Split:
         train_users=users.astype(np.int64),
         train_sequences=train_seqs,
         train_timestamps=train_stamps,
-        valid=EvalSamples(np.asarray(valid_u, np.int64), valid_h, np.asarray(valid_t, np.int64), np.asarray(valid_ts, np.int64)),
-        test=EvalSamples(np.asarray(test_u, np.int64), test_h, np.asarray(test_t, np.int64), np.asarray(test_ts, np.int64)),
+        valid=EvalSamples(
+            np.asarray(valid_u, np.int64),
+            valid_h,
+            np.asarray(valid_t, np.int64),
+            np.asarray(valid_ts, np.int64),
+        ),
+        test=EvalSamples(
+            np.asarray(test_u, np.int64), test_h, np.asarray(test_t, np.int64), np.asarray(test_ts, np.int64)
+        ),
         info={"protocol": "leave_one_out"},
     )
 
@@ -87,7 +94,9 @@ def leave_one_out(ds: Dataset) -> Split:
 def temporal_split(ds: Dataset, valid_fraction: float = 0.1, test_fraction: float = 0.1) -> Split:
     """Global time cut at the (1 - valid - test) and (1 - test) quantiles of all timestamps."""
     if not (0 < valid_fraction < 1 and 0 < test_fraction < 1 and valid_fraction + test_fraction < 1):
-        raise ValueError(f"temporal split fractions must be in (0, 1) and sum below 1, got {valid_fraction}, {test_fraction}")
+        raise ValueError(
+            f"temporal split fractions must be in (0, 1) and sum below 1, got {valid_fraction}, {test_fraction}"
+        )
     all_ts = ds.interactions["timestamp"].to_numpy()
     t_valid = int(np.quantile(all_ts, 1 - valid_fraction - test_fraction, method="lower"))
     t_test = int(np.quantile(all_ts, 1 - test_fraction, method="lower"))

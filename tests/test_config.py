@@ -1,0 +1,67 @@
+"""Config composition: every recipe composes, precedence is CLI > debug > recipe > defaults,
+and bad command lines fail with a short message instead of a stack trace."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.utils import get_class
+from omegaconf import OmegaConf
+
+from conftest import run_nestrec
+from nestrec.run import available_recipes
+
+GROUPS = ("data", "model", "strategy", "trainer", "logger", "scenario", "reward", "debug")
+
+
+def _compose(*overrides: str):
+    with initialize_config_module(config_module="nestrec.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_config_groups_exist():
+    from importlib import resources
+
+    root = resources.files("nestrec.conf")
+    for group in (*GROUPS, "recipe"):
+        assert any(e.name.endswith(".yaml") for e in root.joinpath(group).iterdir()), group
+
+
+@pytest.mark.parametrize("recipe", available_recipes())
+@pytest.mark.parametrize("debug", [None, "smoke"])
+def test_every_recipe_composes_and_targets_import(recipe, debug):
+    cfg = _compose(f"recipe={recipe}", *([f"debug={debug}"] if debug else []))
+    OmegaConf.resolve(cfg)
+    for group in ("data", "model", "trainer"):
+        assert get_class(cfg[group]["_target_"])
+    if debug == "smoke":
+        assert cfg.trainer.max_epochs <= 2 and cfg.data.max_users is not None
+
+
+def test_precedence_cli_over_debug_over_recipe():
+    assert _compose("recipe=sasrec_ml100k").trainer.max_epochs == 40
+    assert _compose("recipe=sasrec_ml100k").data.dataset == "ml-100k"
+    assert _compose("recipe=sasrec_ml100k", "debug=smoke").trainer.max_epochs == 2
+    assert _compose("recipe=sasrec_ml100k", "debug=smoke", "trainer.max_epochs=3").trainer.max_epochs == 3
+    assert _compose("recipe=sasrec_ml100k", "data=ml1m").data.dataset == "ml-1m"
+    assert _compose("recipe=sasrec_multi_ml1m").data.scenarios == ["homepage", "channel", "related", "search"]
+
+
+def test_missing_recipe_lists_recipes_and_exits_2(tmp_path):
+    result = run_nestrec([], tmp_path)
+    assert result.returncode == 2
+    assert "no recipe given" in result.stderr and "sasrec_ml1m" in result.stderr
+    result = run_nestrec(["recipe=nope"], tmp_path)
+    assert result.returncode == 2
+    assert "unknown recipe nope" in result.stderr and "sasrec_ml100k" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_key_fails_with_hydra_error(tmp_path):
+    result = run_nestrec(["recipe=sasrec_ml1m", "trainer.max_epoch=3"], tmp_path)
+    assert result.returncode != 0
+    assert "Could not override 'trainer.max_epoch'" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_nestrec(["recipe=sasrec_ml1m", "model=nosuchmodel"], tmp_path)
+    assert result.returncode != 0 and "Could not find 'model/nosuchmodel'" in result.stderr
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("summary.json"))

@@ -1,0 +1,115 @@
+"""End-to-end runs of ``python -m nestrec.run`` as subprocesses, exactly as a user types them."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from conftest import real_data_dir, run_nestrec
+
+FIXTURE = ["data=fixture", "debug=smoke", "trainer.enable_progress_bar=false"]
+
+
+def _env(tmp_path: Path) -> dict:
+    return {"NESTREC_DATA_DIR": str(tmp_path / "data")}
+
+
+def _summaries(root: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(root.rglob("summary.json"))]
+
+
+def _ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_smoke_run_writes_summary_checkpoints_and_offline_wandb(tmp_path):
+    result = _ok(run_nestrec(["recipe=sasrec_ml1m", *FIXTURE], tmp_path, env_extra=_env(tmp_path)))
+    assert "test: HR@10=" in result.stdout and "NDCG@10=" in result.stdout
+    [summary] = _summaries(tmp_path / "outputs")
+    run_dir = Path(summary["output_dir"])
+    assert summary["status"] == "ok" and summary["recipe"] == "sasrec_ml1m"
+    assert 0.0 <= summary["metrics"]["test/ndcg@10"] <= summary["metrics"]["test/hr@10"] <= 1.0
+    assert summary["metrics"]["test/overall/count"] == summary["data"]["test_rows"]
+    assert len(summary["config_hash"]) == 16 and summary["versions"]["torch"] and summary["wall_time_s"] > 0
+    assert Path(summary["best_checkpoint"]).exists() and (run_dir / "checkpoints" / "last.ckpt").exists()
+    # W&B ran offline: an offline run directory with its .wandb log holding the logged metric names.
+    [offline] = list((run_dir / "wandb").glob("offline-run-*"))
+    [log] = list(offline.glob("run-*.wandb"))
+    payload = log.read_bytes()
+    assert payload.startswith(b":W&B") and b"test/ndcg@10" in payload and b"train/loss" in payload
+
+
+def test_csv_logger_and_resume_from_checkpoint(tmp_path):
+    _ok(run_nestrec(["recipe=sasrec_ml1m", *FIXTURE, "logger=csv"], tmp_path, env_extra=_env(tmp_path)))
+    [first] = _summaries(tmp_path / "outputs")
+    run_dir = Path(first["output_dir"])
+    [metrics_csv] = list(run_dir.rglob("metrics.csv"))
+    rows = list(csv.DictReader(metrics_csv.open()))
+    assert any(r.get("train/loss") for r in rows) and any(r.get("val/ndcg@10") for r in rows)
+    assert not (run_dir / "wandb").exists()
+
+    # Resuming continues from the saved epoch, as Trainer.fit(ckpt_path=...) does.
+    last = run_dir / "checkpoints" / "last.ckpt"
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    _ok(run_nestrec(["recipe=sasrec_ml1m", *FIXTURE, "logger=none", f"run.ckpt_path={last}", "trainer.max_epochs=3"],
+                    resumed, env_extra=_env(tmp_path)))  # fmt: skip
+    [second] = _summaries(resumed / "outputs")
+    assert second["epochs"] == 3 and second["global_step"] == first["global_step"] * 3 // 2
+
+
+def test_two_value_sweep_and_report(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = _ok(run_nestrec(["-m", "recipe=sasrec_ml1m", *FIXTURE, "logger=none", "model.dim=16,32"], tmp_path,
+                             env_extra={**_env(tmp_path), "NESTREC_SWEEP_DIR": str(sweep)}))  # fmt: skip
+    summaries = _summaries(sweep)
+    assert len(summaries) == 2 and len({s["config_hash"] for s in summaries}) == 2
+    report = _ok(run_nestrec([str(sweep)], tmp_path, module="nestrec.report"))
+    assert "| model.dim=16 |" in report.stdout and "| model.dim=32 |" in report.stdout
+    assert (sweep / "report.md").exists() and (sweep / "report.png").stat().st_size > 5_000
+    assert result.stdout.count("test: HR@10=") == 2
+
+
+def test_ddp_two_processes_and_ddp_sweep(tmp_path):
+    """Multi-process runs through Lightning's own popen launcher under Hydra (gloo on CPU).
+
+    The sweep is the case of Lightning #18175: children re-run the sweep in lock-step, so the sweep
+    directory must be pinned for all ranks or a second tree appears.
+    """
+    ddp = ["strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "logger=none"]
+    _ok(run_nestrec(["recipe=sasrec_ml1m", *FIXTURE, *ddp], tmp_path, env_extra=_env(tmp_path)))
+    [summary] = _summaries(tmp_path / "outputs")
+    assert summary["world_size"] == 2
+    # Exact metrics under a padding DistributedSampler: each test row counted once.
+    assert summary["metrics"]["test/overall/count"] == summary["data"]["test_rows"]
+    run_dir = Path(summary["output_dir"])
+    assert (run_dir / "train_ddp_process_1.log").exists()
+
+    sweep_root = tmp_path / "sweep-cwd"
+    sweep_root.mkdir()
+    _ok(
+        run_nestrec(
+            ["-m", "recipe=sasrec_ml1m", *FIXTURE, *ddp, "model.dim=16,32"],
+            sweep_root,
+            env_extra=_env(tmp_path),
+        )
+    )
+    trees = list((sweep_root / "multirun").glob("*/*"))
+    assert len(trees) == 1, f"one sweep tree expected, found {trees}"
+    summaries = _summaries(trees[0])
+    assert len(summaries) == 2 and all(s["world_size"] == 2 for s in summaries)
+
+
+def test_real_movielens_smoke(tmp_path):
+    real_data_dir("ml-1m")
+    result = _ok(
+        run_nestrec(
+            ["recipe=sasrec_ml1m", "debug=smoke", "trainer.enable_progress_bar=false", "logger=none"],
+            tmp_path,
+        )
+    )
+    [summary] = _summaries(tmp_path / "outputs")
+    assert summary["data"]["dataset"] == "ml-1m" and summary["data"]["users"] == 400
+    assert "test: HR@10=" in result.stdout

@@ -65,3 +65,14 @@ def test_unknown_key_fails_with_hydra_error(tmp_path):
     result = run_nestrec(["recipe=sasrec_ml1m", "model=nosuchmodel"], tmp_path)
     assert result.returncode != 0 and "Could not find 'model/nosuchmodel'" in result.stderr
     assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("summary.json"))
+
+
+def test_bad_data_input_is_one_line_error(tmp_path):
+    result = run_nestrec(["recipe=sasrec_ml1m", f"data.path={tmp_path / 'missing'}", "logger=none"], tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert "missing" in line and "does not exist" in line
+    result = run_nestrec(["recipe=sasrec_ml1m", "data.split=random", "data=fixture", "logger=none"], tmp_path,
+                         env_extra={"NESTREC_DATA_DIR": str(tmp_path / "data")})  # fmt: skip
+    assert result.returncode == 2 and "error: unknown split protocol 'random'" in result.stderr

@@ -80,7 +80,19 @@ def main() -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    return train(cfg)
+    from hydra.errors import InstantiationException
+
+    from nestrec.errors import UserInputError
+
+    try:
+        return train(cfg)
+    except (UserInputError, InstantiationException) as err:
+        # Hydra wraps constructor errors; show the user's mistake, not the wrapping.
+        cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
+        if not isinstance(cause, UserInputError) and isinstance(err, InstantiationException):
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nestrec.errors import ConfigError
 from nestrec.evaluation import NextItemRecommender
 
 __all__ = ["SASRec", "SASRecModule"]
@@ -31,7 +32,7 @@ class CausalSelfAttentionBlock(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float, attention_dropout: float = 0.0):
         super().__init__()
         if dim % heads:
-            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+            raise ConfigError(f"dim {dim} is not divisible by heads {heads}")
         self.heads = heads
         # Dropout on the [B, H, L, L] attention map dominated CPU step time (Bernoulli sampling),
         # so it has its own knob, off by default; residual/FFN dropout stays at ``dropout``.
@@ -125,7 +126,7 @@ class SASRecModule(NextItemRecommender):
     ):
         super().__init__(num_items, genre_item_mask, ks, exclude_history)
         if loss not in ("ce", "bce"):
-            raise ValueError(f"unknown SASRec loss {loss!r}; expected ce or bce")
+            raise ConfigError(f"unknown SASRec loss {loss!r}; expected ce or bce")
         self.save_hyperparameters(ignore=["genre_item_mask"])
         self.model = SASRec(num_items, max_len, dim, blocks, heads, dropout, attention_dropout)
 

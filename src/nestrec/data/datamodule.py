@@ -25,6 +25,7 @@ from nestrec.data.fetch import SOURCES, data_root, dataset_dir, fetch
 from nestrec.data.fixture import write_fixture
 from nestrec.data.scenarios import SCENARIO_KINDS, ScenarioSamples, derive_scenarios
 from nestrec.data.splits import EvalSamples, Split, make_split
+from nestrec.errors import ConfigError
 
 __all__ = ["SequenceDataModule", "left_pad"]
 
@@ -90,9 +91,9 @@ class SequenceDataModule(pl.LightningDataModule):
         super().__init__()
         unknown = [s for s in scenarios if s not in SCENARIO_KINDS]
         if unknown:
-            raise ValueError(f"unknown scenario(s) {unknown}; known: {', '.join(SCENARIO_KINDS)}")
+            raise ConfigError(f"unknown scenario(s) {unknown}; known: {', '.join(SCENARIO_KINDS)}")
         if path is None and dataset not in SOURCES and dataset != "fixture":
-            raise ValueError(
+            raise ConfigError(
                 f"unknown dataset {dataset!r}: use one of {', '.join([*SOURCES, 'fixture'])} or set data.path"
             )
         self.save_hyperparameters()

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from nestrec.errors import UserInputError
+
 __all__ = ["DataFormatError", "RawDataset", "detect_format", "load_raw", "FORMATS"]
 
 FORMATS = ("recbole", "ml-1m", "ml-100k")
@@ -36,7 +38,7 @@ ML100K_GENRES = (
 _YEAR_IN_TITLE = re.compile(r"\((\d{4})\)\s*$")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserInputError):
     """A data file is missing or malformed; the message names the file (and line) at fault."""
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from nestrec.data.dataset import Dataset
+from nestrec.errors import ConfigError
 
 __all__ = ["SCENARIO_KINDS", "ScenarioSamples", "derive_scenarios", "scenario_name"]
 
@@ -75,7 +76,7 @@ def derive_scenarios(
     """
     unknown = [k for k in kinds if k not in SCENARIO_KINDS]
     if unknown:
-        raise ValueError(f"unknown scenario kind(s) {unknown}; known: {', '.join(SCENARIO_KINDS)}")
+        raise ConfigError(f"unknown scenario kind(s) {unknown}; known: {', '.join(SCENARIO_KINDS)}")
     genre_index = {g: i for i, g in enumerate(ds.genre_vocab)}
     items = ds.items.set_index("item")
     item_genres = {int(i): [g for g in gs.split("|") if g] for i, gs in zip(items.index, items["genres"])}

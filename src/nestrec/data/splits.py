@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nestrec.data.dataset import Dataset
+from nestrec.errors import ConfigError
 
 __all__ = ["EvalSamples", "Split", "leave_one_out", "temporal_split", "make_split"]
 
@@ -94,7 +95,7 @@ def leave_one_out(ds: Dataset) -> Split:
 def temporal_split(ds: Dataset, valid_fraction: float = 0.1, test_fraction: float = 0.1) -> Split:
     """Global time cut at the (1 - valid - test) and (1 - test) quantiles of all timestamps."""
     if not (0 < valid_fraction < 1 and 0 < test_fraction < 1 and valid_fraction + test_fraction < 1):
-        raise ValueError(
+        raise ConfigError(
             f"temporal split fractions must be in (0, 1) and sum below 1, got {valid_fraction}, {test_fraction}"
         )
     all_ts = ds.interactions["timestamp"].to_numpy()
@@ -137,4 +138,4 @@ def make_split(ds: Dataset, protocol: str = "leave_one_out", **kwargs) -> Split:
         return leave_one_out(ds)
     if protocol == "temporal":
         return temporal_split(ds, **kwargs)
-    raise ValueError(f"unknown split protocol {protocol!r}; expected leave_one_out or temporal")
+    raise ConfigError(f"unknown split protocol {protocol!r}; expected leave_one_out or temporal")

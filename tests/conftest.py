@@ -43,6 +43,17 @@ def run_nestrec(
         {"NESTREC_OUTPUT_ROOT": str(tmp_path / "outputs"), "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
     )
     env.pop("NESTREC_SWEEP_DIR", None)
+    # An in-process Lightning DDP test leaves its rendezvous variables behind; a child must pick its own.
+    for key in (
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "LOCAL_RANK",
+        "RANK",
+        "WORLD_SIZE",
+        "NODE_RANK",
+        "LOCAL_WORLD_SIZE",
+    ):
+        env.pop(key, None)
     env.update(env_extra or {})
     return subprocess.run(
         [sys.executable, "-m", module, *args],

@@ -157,3 +157,47 @@ def train_sharded_worker(
             torch.save(out, out_file)
     finally:
         dist.destroy_process_group()
+
+
+def checkpoint_worker(
+    rank: int, world_size: int, sharding: str, init_file: str, ckpt_dir: str, mode: str, steps: int = 5
+):
+    """``mode='save'``: train a few steps then save shards (and the full tables, for comparison).
+    ``mode='load'``: load the shards into this world size / rule and save what every rank sees."""
+    from pathlib import Path
+
+    from nestrec.checkpoint import load_shards, save_shards
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        tables = ShardedEmbeddingCollection(
+            TABLES, optimizer=row_optimizer("adam"), sharding=sharding, dtype=torch.float64
+        )
+        tables.shard(rank, world_size, None, None)
+        names = [
+            f"{t.name}.{what}" for t in TABLES for what in ("weight", "state.exp_avg", "state.exp_avg_sq")
+        ]
+        if mode == "save":
+            head = Head()
+            for features, labels in make_batches(steps, world_size):
+                local_features, local_labels = local_part(features, labels, rank)
+                nn.functional.binary_cross_entropy_with_logits(
+                    head(tables(local_features)), local_labels
+                ).backward()
+                tables.apply_sparse_updates()
+            save_shards(Path(ckpt_dir), {"note": "meta"}, [tables], rank, world_size, dist.barrier)
+            suffix = "saved"
+        else:
+            meta = load_shards(Path(ckpt_dir), [tables])
+            assert meta == {"note": "meta"}
+            suffix = f"loaded-{world_size}-{sharding}"
+        full = {}
+        for name in names:
+            table, what = name.split(".", 1)
+            full[name] = tables.gather_full(table, what)
+        full["steps"] = torch.tensor([tables.stores[t.name].step for t in TABLES])
+        if rank == 0:
+            torch.save(full, Path(ckpt_dir).with_name(f"full-{suffix}.pt"))
+    finally:
+        dist.destroy_process_group()

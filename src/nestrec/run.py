@@ -138,16 +138,24 @@ def build_logger(cfg: DictConfig | None, output_dir: Path, run_name: str) -> Any
 def build_callbacks(cfg: DictConfig, output_dir: Path) -> list:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-    checkpoint = ModelCheckpoint(
+    best = ModelCheckpoint(
         dirpath=str(output_dir / "checkpoints"),
         filename="best-epoch{epoch:03d}",
         auto_insert_metric_name=False,
         monitor=cfg.run.monitor,
         mode=cfg.run.monitor_mode,
         save_top_k=1,
-        save_last=True,
     )
-    callbacks: list = [checkpoint]
+    # Lightning 2.6's save_last only writes when the top-k checkpoint changed; resuming needs the
+    # truly latest state, so a second, unmonitored checkpoint rewrites last.ckpt at every save.
+    last = ModelCheckpoint(
+        dirpath=str(output_dir / "checkpoints"),
+        filename="last",
+        monitor=None,
+        save_top_k=1,
+        enable_version_counter=False,
+    )
+    callbacks: list = [best, last]
     if cfg.run.early_stopping_patience:
         callbacks.append(
             EarlyStopping(
@@ -274,6 +282,10 @@ def _print_headline(summary: dict) -> None:
         if f"{stage}/hr@10" in metrics:
             print(
                 f"[nestrec] {stage}: HR@10={metrics[f'{stage}/hr@10']:.4f} NDCG@10={metrics[f'{stage}/ndcg@10']:.4f}"
+            )
+        if f"{stage}/auc" in metrics:
+            print(
+                f"[nestrec] {stage}: AUC={metrics[f'{stage}/auc']:.4f} logloss={metrics.get(f'{stage}/logloss', float('nan')):.4f}"
             )
     for key in sorted(metrics):
         match = re.fullmatch(r"test/([^/]+)/ndcg@10", key)

@@ -34,10 +34,7 @@ class RowWiseSharding:
             )
         if self.world_size < 1:
             raise ConfigError(f"world size must be at least 1, got {self.world_size}")
-        if self.num_rows < self.world_size:
-            raise ConfigError(
-                f"a table of {self.num_rows} rows cannot be row-sharded over {self.world_size} ranks (every rank needs a row)"
-            )
+        # Tables smaller than the world (e.g. gender) are fine: the last ranks hold empty shards.
 
     # -- shard geometry --------------------------------------------------------------------------
     def shard_size(self, rank: int) -> int:

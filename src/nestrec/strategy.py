@@ -1,0 +1,180 @@
+"""``NestPipeStrategy``: Lightning glue for row-sharded embedding training (``strategy="nestpipe"``).
+
+It is DDP for the dense part — same launchers (popen, spawn, torchrun, SLURM), same all-reduce —
+plus four things, in the order a run meets them:
+
+1. ``setup_distributed``: two extra process groups, one for key routing and one for embedding
+   rows/gradients, so the pipelines can overlap those collectives with the dense all-reduce
+   without cross-stage ordering deadlocks.
+2. ``setup``: every ``ShardedEmbeddingCollection`` in the model is sharded for this rank *before*
+   DDP wraps the model. The collections hold no ``nn.Parameter``, so DDP never averages them.
+3. ``optimizer_step``: after Lightning's closure (forward, backward) and the dense optimizer step,
+   the tables' summed per-row gradients go to their owners and the row-wise optimizer runs once.
+4. Checkpoints are directories: Lightning's dict in ``meta.pt`` plus one shard file per rank
+   (``nestrec.checkpoint``); loading reshards to the current world size.
+
+``pipeline`` chooses how lookups and All2All are scheduled; ``sync`` (the reference: every step
+waits for its own communication) is the only one implemented here.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch.distributed as dist
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from torch.distributed.constants import default_pg_timeout
+
+from nestrec.checkpoint import is_sharded_checkpoint, load_shards, save_shards
+from nestrec.devices import get_device_api
+from nestrec.errors import ConfigError
+from nestrec.sharding.collection import ShardedEmbeddingCollection
+
+__all__ = ["NestPipeStrategy", "PIPELINES"]
+
+PIPELINES = ("sync",)
+
+
+class NestPipeStrategy(DDPStrategy):
+    strategy_name = "nestpipe"
+
+    def __init__(
+        self,
+        pipeline: str = "sync",
+        host_memory_budget_gb: float | None = None,
+        accelerator=None,
+        parallel_devices=None,
+        cluster_environment=None,
+        checkpoint_io=None,
+        precision_plugin=None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: str = "popen",
+        **ddp_kwargs: Any,
+    ):
+        if pipeline not in PIPELINES:
+            raise ConfigError(f"unknown NestPipe pipeline {pipeline!r}; available: {', '.join(PIPELINES)}")
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+            **ddp_kwargs,
+        )
+        self.pipeline = pipeline
+        self.host_memory_budget_gb = host_memory_budget_gb
+        self.key_group = None
+        self.embedding_group = None
+
+    # -- life of a run -----------------------------------------------------------------------------
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        backend = self._get_process_group_backend()
+        # Collective calls on a new group must be made by all ranks in the same order: here, once.
+        self.key_group = dist.new_group(backend=backend)
+        self.embedding_group = dist.new_group(backend=backend)
+
+    def _get_process_group_backend(self) -> str:
+        if self._process_group_backend is None and self.root_device.type not in ("cpu", "cuda"):
+            return get_device_api(self.root_device.type).backend
+        return super()._get_process_group_backend()
+
+    def sharded_collections(self) -> list[ShardedEmbeddingCollection]:
+        module = self.lightning_module
+        return [m for m in module.modules() if isinstance(m, ShardedEmbeddingCollection)] if module else []
+
+    def check_shards_fit(self) -> None:
+        """Refuse to start if this rank's shards (weights + optimizer state) exceed the budget."""
+        if self.host_memory_budget_gb is None:
+            return
+        budget = self.host_memory_budget_gb * 2**30
+        per_rank = 0
+        for collection in self.sharded_collections():
+            states = 1 + len(collection.optimizer.state_names)
+            itemsize = collection.dtype.itemsize if hasattr(collection.dtype, "itemsize") else 4
+            for table in collection.tables:
+                rows = -(-table.num_rows // self.world_size)  # the largest shard
+                per_rank += rows * table.dim * itemsize * states
+        if per_rank > budget:
+            needed = -(-int(per_rank * self.world_size) // int(budget))
+            raise ConfigError(
+                f"sharded tables need {per_rank / 2**30:.2f} GiB per rank at world size {self.world_size}, over the "
+                f"host_memory_budget_gb={self.host_memory_budget_gb}; use at least {needed} ranks or smaller tables"
+            )
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        self.check_shards_fit()
+        for collection in self.sharded_collections():
+            if (
+                collection.rank != self.global_rank
+                or collection.world_size != self.world_size
+                or collection.key_group is None
+            ):
+                collection.shard(
+                    self.global_rank, self.world_size, self.key_group, self.embedding_group, self.root_device
+                )
+        super().setup(trainer)
+
+    def optimizer_step(self, optimizer, closure, model=None, **kwargs: Any) -> Any:
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        for collection in self.sharded_collections():
+            collection.apply_sparse_updates()
+        return output
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        # Tables must be sharded for the current world before shards are read into them.
+        return True
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
+    ) -> None:
+        collections = self.sharded_collections()
+        if not collections:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        if storage_options is not None:
+            raise TypeError("NestPipeStrategy.save_checkpoint(storage_options=...) is not supported")
+        path = Path(self.broadcast(str(filepath)))
+        save_shards(
+            path,
+            checkpoint,
+            collections,
+            self.global_rank,
+            self.world_size,
+            lambda: self.barrier("nestpipe-checkpoint"),
+        )
+
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(self.broadcast(str(checkpoint_path)))
+        collections = self.sharded_collections()
+        if is_sharded_checkpoint(path):
+            return load_shards(path, collections)
+        if collections:
+            raise ConfigError(
+                f"{path} is not a NestPipe sharded checkpoint, but the model has sharded tables"
+            )
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+
+    # -- registry ----------------------------------------------------------------------------------
+    @classmethod
+    def register_strategies(cls, strategy_registry) -> None:
+        for name, start_method in (("nestpipe", "popen"), ("nestpipe_spawn", "spawn")):
+            if name not in strategy_registry:
+                strategy_registry.register(
+                    name,
+                    cls,
+                    description=f"NestPipe row-sharded embeddings, synchronous (start_method={start_method})",
+                    start_method=start_method,
+                )
+
+
+NestPipeStrategy.register_strategies(StrategyRegistry)

@@ -9,10 +9,11 @@ BIN := $(VENV)/bin
 
 .PHONY: setup data run test lint report clean
 
-$(BIN)/.nestrec-installed: pyproject.toml
+$(BIN)/.nestrec-installed: pyproject.toml plugins/nestrec-npu/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(BIN)/pip install --quiet --disable-pip-version-check -e plugins/nestrec-npu
 	touch $@
 
 setup: $(BIN)/.nestrec-installed data

@@ -175,3 +175,17 @@ def test_bad_run_inputs_are_one_line_errors(tmp_path):
         result.returncode != 0
         and "global batch size 63 is not divisible by the world size 2" in result.stderr
     )
+
+
+def test_sasrec_with_sharded_item_table_under_nestpipe(tmp_path):
+    common = ["recipe=sasrec_ml1m", "data=fixture", "debug=smoke", "model.embedding=sharded", "trainer.devices=2",
+              "trainer.accelerator=cpu", "logger=none", "trainer.enable_progress_bar=false"]  # fmt: skip
+    _ok(run_nestrec([*common, "strategy=nestpipe"], tmp_path, env_extra=_env(tmp_path)))
+    summary = _summary(tmp_path / "outputs")
+    assert summary["world_size"] == 2 and "test/ndcg@10" in summary["metrics"]
+    assert (Path(summary["best_checkpoint"]) / "manifest.json").exists()
+    # Plain DDP would silently train one unsynchronised copy per rank: refused instead.
+    other = tmp_path / "ddp"
+    other.mkdir()
+    result = run_nestrec([*common, "strategy=ddp"], other, env_extra=_env(tmp_path))
+    assert result.returncode != 0 and "use strategy=nestpipe" in result.stderr

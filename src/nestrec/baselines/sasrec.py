@@ -9,7 +9,11 @@ evaluation. Two training losses are offered:
   original loss (Klenitskiy & Vasilev, RecSys 2023).
 * ``bce``: the original one-positive-one-sampled-negative binary loss.
 
-Item embeddings are tied between input and output, as in the paper.
+Item embeddings are tied between input and output, as in the paper. With ``embedding="sharded"``
+the input item table is a row-sharded ``ShardedEmbeddingCollection`` (trained by
+``strategy=nestpipe`` with a row-wise optimizer) and the output layer gets its own dense item
+matrix: full-catalogue softmax needs every row on every rank, which is exactly what sharding avoids
+holding, so the two are untied in that mode.
 """
 
 from __future__ import annotations
@@ -58,6 +62,36 @@ class CausalSelfAttentionBlock(nn.Module):
         return x + self.resid_dropout(self.ffn(self.ffn_norm(x)))
 
 
+class ShardedItemEmbedding(nn.Module):
+    """``[B, L]`` item ids → ``[B, L, dim]`` rows from a row-sharded table (one id per position)."""
+
+    def __init__(
+        self, num_items: int, dim: int, sparse_optimizer: str, sparse_lr: float, sharding: str, seed: int
+    ):
+        super().__init__()
+        from nestrec.embedding.config import EmbeddingTableConfig
+        from nestrec.sharding import ShardedEmbeddingCollection, build_row_optimizer
+
+        table = EmbeddingTableConfig(
+            "item", num_rows=num_items + 1, dim=dim, features=("history",), pooling="none"
+        )
+        self.tables = ShardedEmbeddingCollection(
+            [table],
+            optimizer=build_row_optimizer(sparse_optimizer, lr=sparse_lr),
+            sharding=sharding,
+            init_std=dim**-0.5,
+            seed=seed,
+        )
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        from nestrec.sparse import JaggedFeatures
+
+        batch, length = items.shape
+        lengths = torch.full((batch,), length, dtype=torch.long, device=items.device)
+        rows = self.tables(JaggedFeatures.from_dict({"history": (items.reshape(-1), lengths)}))["history"]
+        return rows.view(batch, length, -1)
+
+
 class SASRec(nn.Module):
     """Item + position embeddings → causal Transformer blocks → hidden state per position."""
 
@@ -70,10 +104,13 @@ class SASRec(nn.Module):
         heads: int = 2,
         dropout: float = 0.2,
         attention_dropout: float = 0.0,
+        input_embedding: nn.Module | None = None,
     ):
         super().__init__()
         self.num_items = num_items
+        # Output item matrix (and, unless a sharded input table is given, the tied input table).
         self.item_embedding = nn.Embedding(num_items + 1, dim, padding_idx=0)
+        self.input_embedding = input_embedding
         self.position_embedding = nn.Embedding(max_len, dim)
         self.embed_dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
@@ -90,7 +127,8 @@ class SASRec(nn.Module):
         batch, length = items.shape
         present = items > 0
         positions = torch.arange(length, device=items.device)
-        x = self.item_embedding(items) * self.scale + self.position_embedding(positions)
+        rows = self.input_embedding(items) if self.input_embedding is not None else self.item_embedding(items)
+        x = rows * self.scale + self.position_embedding(positions)
         x = self.embed_dropout(x) * present.unsqueeze(-1)
         causal = torch.ones(length, length, dtype=torch.bool, device=items.device).tril()
         # Attend to earlier real items; a position always sees itself so padded rows never go all-masked.
@@ -123,12 +161,26 @@ class SASRecModule(NextItemRecommender):
         ks: tuple[int, ...] = (1, 5, 10, 20, 50),
         exclude_history: bool = False,
         genre_item_mask: torch.Tensor | None = None,
+        embedding: str = "dense",
+        sparse_optimizer: str = "adam",
+        sparse_lr: float = 1e-3,
+        sharding: str = "range",
+        seed: int = 0,
     ):
         super().__init__(num_items, genre_item_mask, ks, exclude_history)
         if loss not in ("ce", "bce"):
             raise ConfigError(f"unknown SASRec loss {loss!r}; expected ce or bce")
+        if embedding not in ("dense", "sharded"):
+            raise ConfigError(f"unknown SASRec embedding {embedding!r}; expected dense or sharded")
         self.save_hyperparameters(ignore=["genre_item_mask"])
-        self.model = SASRec(num_items, max_len, dim, blocks, heads, dropout, attention_dropout)
+        sharded = (
+            ShardedItemEmbedding(num_items, dim, sparse_optimizer, sparse_lr, sharding, seed)
+            if embedding == "sharded"
+            else None
+        )
+        self.model = SASRec(
+            num_items, max_len, dim, blocks, heads, dropout, attention_dropout, input_embedding=sharded
+        )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         hidden = self.model(batch["input"])

@@ -155,6 +155,16 @@ class ShardedEmbeddingCollection(nn.Module):
     # ---------------------------------------------------------------------------------------------
     # lookup
     def forward(self, features: JaggedFeatures) -> dict[str, torch.Tensor]:
+        if (
+            self.world_size == 1
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() > 1
+        ):
+            # Under plain DDP every rank would train its own full copy and the copies would drift.
+            raise ConfigError(
+                f"ShardedEmbeddingCollection is not sharded over the {dist.get_world_size()} processes: use strategy=nestpipe"
+            )
         by_table: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {t.name: [] for t in self.tables}
         for feature, (values, lengths) in features.split().items():
             if feature not in self.feature_to_table:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from nestrec_npu import NPUAccelerator, npu_import_error
 
 from nestrec.devices import get_device_api
-from nestrec_npu import NPUAccelerator, npu_import_error
 
 NO_NPU = npu_import_error()
 

@@ -113,3 +113,18 @@ def test_real_movielens_smoke(tmp_path):
     [summary] = _summaries(tmp_path / "outputs")
     assert summary["data"]["dataset"] == "ml-1m" and summary["data"]["users"] == 400
     assert "test: HR@10=" in result.stdout
+
+
+def test_real_movielens_dlrm_smoke_under_nestpipe(tmp_path):
+    real_data_dir("ml-1m")
+    args = [
+        "recipe=dlrm_ml1m",
+        "debug=smoke",
+        "trainer.enable_progress_bar=false",
+        "logger=none",
+        "trainer.devices=2",
+    ]
+    result = _ok(run_nestrec(args, tmp_path))
+    [summary] = _summaries(tmp_path / "outputs")
+    assert summary["data"]["dataset"] == "ml-1m" and summary["world_size"] == 2
+    assert 0.0 <= summary["metrics"]["test/auc"] <= 1.0 and "test: AUC=" in result.stdout

@@ -5,7 +5,7 @@ Each rank owns a block of every table's rows (``RowWiseSharding``) in a host-mem
 
 1. dedup the batch's ids (``torch.unique``) and bucket them by owner;
 2. key routing: All2All of the counts, then of the ids (``key_group``);
-3. each owner gathers the requested rows from its shard;
+3. each owner dedups the keys it received from all ranks and gathers those rows from its shard;
 4. All2All of the rows back to the requesters (``embedding_group``);
 5. rows are expanded to the original ids and pooled per feature.
 
@@ -206,7 +206,9 @@ class ShardedEmbeddingCollection(nn.Module):
         send_counts, recv_counts = send_counts_t.tolist(), recv_counts_t.tolist()
         requested = all_to_all_uneven(send_ids.cpu(), send_counts, recv_counts, self.key_group)
         served_local = rule.local_index(requested)
-        served_rows = self.stores[table.name].gather(served_local, torch.device("cpu"))
+        # The owner dedups again: several ranks often ask for the same hot rows.
+        wanted, expand = torch.unique(served_local, sorted=True, return_inverse=True)
+        served_rows = self.stores[table.name].gather(wanted, torch.device("cpu"))[expand]
         returned = all_to_all_uneven(served_rows, recv_counts, send_counts, self.embedding_group)
         rows = torch.empty_like(returned)
         rows[order.cpu()] = returned

@@ -49,6 +49,8 @@ def test_csv_logger_and_resume_from_checkpoint(tmp_path):
     rows = list(csv.DictReader(metrics_csv.open()))
     assert any(r.get("train/loss") for r in rows) and any(r.get("val/ndcg@10") for r in rows)
     assert not (run_dir / "wandb").exists()
+    _ok(run_nestrec([str(run_dir)], tmp_path, module="nestrec.report"))
+    assert (run_dir / "report_curves.png").stat().st_size > 5_000
 
     # Resuming continues from the saved epoch, as Trainer.fit(ckpt_path=...) does.
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -69,6 +71,7 @@ def test_two_value_sweep_and_report(tmp_path):
     report = _ok(run_nestrec([str(sweep)], tmp_path, module="nestrec.report"))
     assert "| model.dim=16 |" in report.stdout and "| model.dim=32 |" in report.stdout
     assert (sweep / "report.md").exists() and (sweep / "report.png").stat().st_size > 5_000
+    assert not (sweep / "report_curves.png").exists()  # logger=none: no curves to draw
     assert result.stdout.count("test: HR@10=") == 2
 
 

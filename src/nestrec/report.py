@@ -2,7 +2,8 @@
 
 Every job of ``python -m nestrec.run -m ...`` writes ``summary.json`` in its own directory; this
 collects them (recursively), labels each job by its Hydra overrides, and writes ``report.md`` (a
-markdown table, also printed) and ``report.png`` (the chosen metrics per job) into ``DIR``.
+markdown table, also printed), ``report.png`` (the chosen metrics per job) and, for runs logged
+with ``logger=csv``, ``report_curves.png`` (training loss and validation NDCG@10 over steps) into ``DIR``.
 """
 
 from __future__ import annotations
@@ -90,6 +91,43 @@ def plot(rows: list[dict], path: Path, metrics: tuple[str, ...] = DEFAULT_METRIC
     return path
 
 
+def plot_curves(rows: list[dict], path: Path, metrics: tuple[str, ...] | None = None) -> Path | None:
+    """Learning curves (training loss, the monitored validation metric) of every run that logged
+    CSV metrics (``logger=csv``); None if none did."""
+    metrics = metrics or ("train/loss", (rows[0].get("monitor") if rows else None) or "val/ndcg@10")
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = []
+    for row in rows:
+        for metrics_csv in sorted(Path(row["path"]).rglob("metrics.csv")):
+            with metrics_csv.open() as fh:
+                records = list(csv.DictReader(fh))
+            series.append((row["job"], records))
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 3.6))
+    for ax, metric in zip(axes, metrics):
+        for label, records in series:
+            points = [(int(r["step"]), float(r[metric])) for r in records if r.get(metric) not in (None, "")]
+            if points:
+                ax.plot(
+                    *zip(*points), label=label, marker="o" if metric.startswith("val") else None, markersize=3
+                )
+        ax.set_xlabel("step")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nestrec.report", description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path, help="a sweep directory (or any tree of run dirs)")
@@ -112,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(rows, metrics)
     (args.directory / "report.md").write_text(table + "\n")
     png = plot(rows, args.directory / "report.png", metrics)
+    curves = plot_curves(rows, args.directory / "report_curves.png")
     print(table)
-    print(f"\nwrote {args.directory / 'report.md'} and {png}")
+    print(f"\nwrote {args.directory / 'report.md'}, {png}" + (f" and {curves}" if curves else ""))
     return 0
 
 

@@ -22,9 +22,7 @@ def _spawn(tmp_path, world, sharding, mode, tag):
     )
 
 
-@pytest.mark.parametrize(
-    "saved_world,loaded_world,sharding", [(2, 3, "cyclic"), (4, 2, "range")]
-)
+@pytest.mark.parametrize("saved_world,loaded_world,sharding", [(2, 3, "cyclic"), (4, 2, "range")])
 def test_reshard_between_world_sizes(tmp_path, saved_world, loaded_world, sharding):
     _spawn(tmp_path, saved_world, "range", "save", "save")
     _spawn(tmp_path, loaded_world, sharding, "load", "load")

@@ -23,6 +23,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from nestrec.fileio import write_json_atomic
+
 __all__ = ["available_recipes", "main", "train"]
 
 _INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc"}
@@ -183,12 +185,6 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-
-
 def _scalar(value: Any) -> float:
     return float(value.item() if hasattr(value, "item") else value)
 
@@ -260,7 +256,7 @@ def train(cfg: DictConfig) -> float | None:
     }
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(output_dir / "summary.json", summary)
+        write_json_atomic(output_dir / "summary.json", summary)
         _print_headline(summary)
     _finish_wandb(logger)
     monitored = metrics.get(cfg.run.monitor)

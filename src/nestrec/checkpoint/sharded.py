@@ -19,7 +19,6 @@ owns under the new rule.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from nestrec.errors import UserInputError
+from nestrec.fileio import sha256_file
 
 __all__ = [
     "CheckpointError",
@@ -55,14 +55,6 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
 
 def _shard_name(rank: int, world_size: int) -> str:
     return f"shard-{rank:05d}-of-{world_size:05d}.pt"
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _collection_key(index: int) -> str:
@@ -94,7 +86,7 @@ def save_shards(
         files = {}
         for r in range(world_size):
             f = staging / _shard_name(r, world_size)
-            files[f.name] = {"bytes": f.stat().st_size, "sha256": _digest(f)}
+            files[f.name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
         manifest = {
             "format_version": FORMAT_VERSION,
             "world_size": world_size,
@@ -172,7 +164,7 @@ def verify(path: str | Path, collections: list) -> dict:
             raise CheckpointError(
                 f"{path}: shard {name} is truncated or altered ({f.stat().st_size} bytes, expected {expected['bytes']})"
             )
-        if _digest(f) != expected["sha256"]:
+        if sha256_file(f) != expected["sha256"]:
             raise CheckpointError(f"{path}: shard {name} is corrupted (SHA-256 mismatch)")
     return manifest
 

@@ -12,16 +12,12 @@ on 1 or W processes sees the same global batches — what makes their loss curve
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from nestrec.data.dataset import load_dataset
-from nestrec.data.fetch import SOURCES, data_root, dataset_dir, fetch
-from nestrec.data.fixture import write_fixture
+from nestrec.data.sources import DataSource
 from nestrec.errors import ConfigError
 from nestrec.sparse.jagged import JaggedFeatures
 
@@ -83,10 +79,7 @@ class CTRDataModule(pl.LightningDataModule):
         cache_dir: str | None = None,
     ):
         super().__init__()
-        if path is None and dataset not in SOURCES and dataset != "fixture":
-            raise ConfigError(
-                f"unknown dataset {dataset!r}: use one of {', '.join([*SOURCES, 'fixture'])} or set data.path"
-            )
+        self.source = DataSource(dataset, path, format, cache_dir)
         if split not in ("temporal", "random"):
             raise ConfigError(f"unknown CTR split {split!r}; expected temporal or random")
         self.save_hyperparameters()
@@ -95,26 +88,13 @@ class CTRDataModule(pl.LightningDataModule):
         self.info: dict = {}
 
     def prepare_data(self) -> None:
-        if self.hparams.path is not None:
-            return
-        if self.hparams.dataset == "fixture":
-            target = dataset_dir("fixture")
-            if not (target / "fixture.inter").exists():
-                write_fixture(target, "recbole")
-        else:
-            fetch(self.hparams.dataset)
-
-    def _source(self) -> Path:
-        if self.hparams.path is not None:
-            return Path(self.hparams.path).expanduser()
-        return dataset_dir(self.hparams.dataset)
+        self.source.ensure_available()
 
     def setup(self, stage: str | None = None) -> None:
         if self.arrays:
             return
         hp = self.hparams
-        cache = Path(hp.cache_dir).expanduser() if hp.cache_dir else data_root() / "processed"
-        data = load_dataset(self._source(), hp.format, None, cache, min_user_interactions=1)
+        data = self.source.load(min_user_interactions=1)
         inter = data.interactions
         if hp.max_users is not None:
             inter = inter[inter["user"] < hp.max_users]

@@ -12,18 +12,14 @@ eval:  ``history`` ``[B, max_len]``, ``target``, ``user``, ``scenario`` (index i
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from nestrec.data.dataset import Dataset as RecDataset
-from nestrec.data.dataset import load_dataset
-from nestrec.data.fetch import SOURCES, data_root, dataset_dir, fetch
-from nestrec.data.fixture import write_fixture
 from nestrec.data.scenarios import SCENARIO_KINDS, ScenarioSamples, derive_scenarios
+from nestrec.data.sources import DataSource
 from nestrec.data.splits import EvalSamples, Split, make_split
 from nestrec.errors import ConfigError
 
@@ -92,10 +88,7 @@ class SequenceDataModule(pl.LightningDataModule):
         unknown = [s for s in scenarios if s not in SCENARIO_KINDS]
         if unknown:
             raise ConfigError(f"unknown scenario(s) {unknown}; known: {', '.join(SCENARIO_KINDS)}")
-        if path is None and dataset not in SOURCES and dataset != "fixture":
-            raise ConfigError(
-                f"unknown dataset {dataset!r}: use one of {', '.join([*SOURCES, 'fixture'])} or set data.path"
-            )
+        self.source = DataSource(dataset, path, format, cache_dir)
         self.save_hyperparameters()
         self.data: RecDataset | None = None
         self.split: Split | None = None
@@ -103,31 +96,14 @@ class SequenceDataModule(pl.LightningDataModule):
         self._tensors: dict[str, dict[str, torch.Tensor]] = {}
 
     # ---------------------------------------------------------------------------------------------
-    def source_dir(self) -> Path:
-        if self.hparams.path is not None:
-            return Path(self.hparams.path).expanduser()
-        if self.hparams.dataset == "fixture":
-            return dataset_dir("fixture")
-        return dataset_dir(self.hparams.dataset)
-
     def prepare_data(self) -> None:
-        if self.hparams.path is not None:
-            return
-        if self.hparams.dataset == "fixture":
-            target = dataset_dir("fixture")
-            if not (target / "fixture.inter").exists():
-                write_fixture(target, "recbole")
-        else:
-            fetch(self.hparams.dataset)
+        self.source.ensure_available()
 
     def setup(self, stage: str | None = None) -> None:
         if self.split is not None:
             return
         hp = self.hparams
-        cache = Path(hp.cache_dir).expanduser() if hp.cache_dir else data_root() / "processed"
-        data = load_dataset(
-            self.source_dir(), hp.format, None, cache, hp.min_user_interactions, hp.min_item_interactions
-        )
+        data = self.source.load(hp.min_user_interactions, hp.min_item_interactions)
         if hp.max_users is not None and hp.max_users < data.num_users:
             data = _first_users(data, hp.max_users)
         self.data = data

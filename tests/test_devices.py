@@ -26,13 +26,12 @@ def test_cpu_stream_runs_in_order_and_concurrently():
         threads.add(threading.get_ident())
         return torch.tensor(i)
 
-    started = time.perf_counter()
     handles = [api.submit(stream, lambda i=i: work(i)) for i in range(5)]
-    submitted = time.perf_counter() - started
+    done_at_submit = len(order)
     results = [int(h.wait()) for h in handles]
     assert results == order == [0, 1, 2, 3, 4]
     assert caller not in threads and len(threads) == 1
-    assert submitted < 0.03  # submit returned before the 50 ms of queued work finished
+    assert done_at_submit < 5  # submit returned while the 50 ms of queued work was still running
 
 
 def test_unknown_device_type_is_a_config_error():

@@ -77,10 +77,12 @@ class NestPipeStrategy(DDPStrategy):
     # -- life of a run -----------------------------------------------------------------------------
     def setup_distributed(self) -> None:
         super().setup_distributed()
-        backend = self._get_process_group_backend()
+        # The sync pipeline keeps shards in host memory and routes keys and rows as CPU tensors, so
+        # its groups are gloo whatever the dense backend (NCCL/HCCL only take device tensors).
+        # Device-resident All2All on the accelerator's backend comes with the pipelines.
         # Collective calls on a new group must be made by all ranks in the same order: here, once.
-        self.key_group = dist.new_group(backend=backend)
-        self.embedding_group = dist.new_group(backend=backend)
+        self.key_group = dist.new_group(backend="gloo")
+        self.embedding_group = dist.new_group(backend="gloo")
 
     def _get_process_group_backend(self) -> str:
         if self._process_group_backend is None and self.root_device.type not in ("cpu", "cuda"):

@@ -145,13 +145,6 @@ class ShardedEmbeddingCollection(nn.Module):
         """The whole table's initial values (for references in tests)."""
         return self.initial_rows(table, torch.arange(table.num_rows))
 
-    def load_full_table(self, name: str, weight: torch.Tensor) -> None:
-        """Replace a table's values with ``weight`` (the whole table); keeps this rank's rows."""
-        store = self.stores[name]
-        store.weight.copy_(
-            weight.index_select(0, self.rules[name].global_ids(self.rank)).to(store.weight.dtype)
-        )
-
     # ---------------------------------------------------------------------------------------------
     # lookup
     def forward(self, features: JaggedFeatures) -> dict[str, torch.Tensor]:
@@ -246,10 +239,6 @@ class ShardedEmbeddingCollection(nn.Module):
             if scale != 1.0:
                 summed.mul_(scale)
             self.stores[table.name].apply_update(touched, summed, self.optimizer, torch.device("cpu"))
-
-    def discard_pending(self) -> None:
-        """Forget lookups whose gradients will never be applied (e.g. a skipped step)."""
-        self._plans.clear()
 
     # ---------------------------------------------------------------------------------------------
     # inspection / checkpoint support

@@ -54,5 +54,14 @@ def test_bad_arguments():
     keys = [[1], [2], [3]]
     with pytest.raises(ConfigError, match="unknown clustering 'kmeans'"):
         cluster_samples(keys, 2, "kmeans")
-    with pytest.raises(ConfigError, match="cannot split a batch of 3 samples into 4"):
-        cluster_samples(keys, 4)
+    with pytest.raises(ConfigError, match="cannot split a batch into 0 micro-batches"):
+        cluster_samples(keys, 0)
+
+
+@pytest.mark.parametrize("method", ["none", "signature", "greedy"])
+def test_batch_smaller_than_micro_batch_count_gets_empty_micro_batches(method):
+    # Every rank must issue N collectives even when its last batch has fewer than N samples.
+    plan = cluster_samples([[1], [2], [1]], 5, method)
+    sizes = [len(mb) for mb in plan.micro_batches()]
+    assert sizes == [1, 1, 1, 0, 0]
+    assert sorted(plan.permutation.tolist()) == [0, 1, 2]

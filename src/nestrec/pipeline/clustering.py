@@ -16,6 +16,8 @@ rank-local, deterministic options are offered, plus the identity split as the ba
 
 Every option returns a permutation of the samples and N+1 offsets, with micro-batch sizes that
 differ by at most one (samples, not tokens; token balancing for sequence models is future work).
+A batch smaller than N (the last batch of an epoch) gets empty micro-batches rather than a
+smaller N: every rank must issue the same number of collectives.
 """
 
 from __future__ import annotations
@@ -80,8 +82,8 @@ def cluster_samples(
     if method not in CLUSTERING_METHODS:
         raise ConfigError(f"unknown clustering {method!r}; expected one of {', '.join(CLUSTERING_METHODS)}")
     batch = len(keys)
-    if not 1 <= num_micro_batches <= max(1, batch):
-        raise ConfigError(f"cannot split a batch of {batch} samples into {num_micro_batches} micro-batches")
+    if num_micro_batches < 1:
+        raise ConfigError(f"cannot split a batch into {num_micro_batches} micro-batches (need at least 1)")
     offsets = _equal_offsets(batch, num_micro_batches)
     if method == "none" or num_micro_batches == 1:
         return MicroBatchPlan(torch.arange(batch), offsets)

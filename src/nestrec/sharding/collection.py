@@ -158,16 +158,7 @@ class ShardedEmbeddingCollection(nn.Module):
             raise ConfigError(
                 f"ShardedEmbeddingCollection is not sharded over the {dist.get_world_size()} processes: use strategy=nestpipe"
             )
-        by_table: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {t.name: [] for t in self.tables}
-        for feature, (values, lengths) in features.split().items():
-            if feature not in self.feature_to_table:
-                raise ConfigError(
-                    f"feature {feature!r} has no embedding table (known: {', '.join(self.feature_to_table)})"
-                )
-            table = self.feature_to_table[feature]
-            check_ids(values, table, feature)
-            by_table[table.name].append((feature, values, lengths))
-
+        by_table = self.group_by_table(features)
         out: dict[str, torch.Tensor] = {}
         # Every rank walks the tables in the same order, so the collectives pair up.
         for table in self.tables:
@@ -179,11 +170,35 @@ class ShardedEmbeddingCollection(nn.Module):
                 else torch.zeros(0, dtype=torch.long, device=device)
             )
             unique_rows, inverse = self._lookup_unique(table, ids)
-            per_id = unique_rows[inverse]
-            offset = 0
-            for feature, values, lengths in parts:
-                out[feature] = pool(per_id[offset : offset + len(values)], lengths, table.pooling)
-                offset += len(values)
+            out.update(self.pool_table(table, parts, unique_rows[inverse]))
+        return out
+
+    def group_by_table(
+        self, features: JaggedFeatures
+    ) -> dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]]:
+        """``{table: [(feature, ids, lengths), ...]}`` with every id checked against its table."""
+        by_table: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {t.name: [] for t in self.tables}
+        for feature, (values, lengths) in features.split().items():
+            if feature not in self.feature_to_table:
+                raise ConfigError(
+                    f"feature {feature!r} has no embedding table (known: {', '.join(self.feature_to_table)})"
+                )
+            table = self.feature_to_table[feature]
+            check_ids(values, table, feature)
+            by_table[table.name].append((feature, values, lengths))
+        return by_table
+
+    @staticmethod
+    def pool_table(
+        table: EmbeddingTableConfig,
+        parts: list[tuple[str, torch.Tensor, torch.Tensor]],
+        per_id: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Pool one table's per-id rows (ids in ``parts`` order) into one vector per sample per feature."""
+        out, offset = {}, 0
+        for feature, values, lengths in parts:
+            out[feature] = pool(per_id[offset : offset + len(values)], lengths, table.pooling)
+            offset += len(values)
         return out
 
     def _lookup_unique(
@@ -195,14 +210,18 @@ class ShardedEmbeddingCollection(nn.Module):
         order = torch.argsort(owners, stable=True)
         send_ids = unique[order]
         send_counts_t = torch.bincount(owners, minlength=self.world_size)
-        recv_counts_t = exchange_counts(send_counts_t.cpu(), self.key_group)
+        recv_counts_t = exchange_counts(send_counts_t.cpu(), self.key_group, channel="keys")
         send_counts, recv_counts = send_counts_t.tolist(), recv_counts_t.tolist()
-        requested = all_to_all_uneven(send_ids.cpu(), send_counts, recv_counts, self.key_group)
+        requested = all_to_all_uneven(
+            send_ids.cpu(), send_counts, recv_counts, self.key_group, channel="keys"
+        )
         served_local = rule.local_index(requested)
         # The owner dedups again: several ranks often ask for the same hot rows.
         wanted, expand = torch.unique(served_local, sorted=True, return_inverse=True)
         served_rows = self.stores[table.name].gather(wanted, torch.device("cpu"))[expand]
-        returned = all_to_all_uneven(served_rows, recv_counts, send_counts, self.embedding_group)
+        returned = all_to_all_uneven(
+            served_rows, recv_counts, send_counts, self.embedding_group, channel="rows"
+        )
         rows = torch.empty_like(returned)
         rows[order.cpu()] = returned
         rows = rows.to(ids.device)
@@ -224,7 +243,9 @@ class ShardedEmbeddingCollection(nn.Module):
         for plan in plans:  # same order on every rank
             grad = plan.rows.grad if plan.rows.grad is not None else torch.zeros_like(plan.rows)
             send = grad.detach()[plan.order].cpu()
-            back = all_to_all_uneven(send, plan.send_counts, plan.recv_counts, self.embedding_group)
+            back = all_to_all_uneven(
+                send, plan.send_counts, plan.recv_counts, self.embedding_group, channel="grads"
+            )
             received[plan.table].append((plan.served_local, back))
         scale = 1.0 / self.world_size if self.grad_scale == "world" else float(self.grad_scale)
         for table in self.tables:

@@ -1,37 +1,107 @@
-"""All2All with uneven splits, the one collective the sharded lookup is made of.
+"""The collectives the sharded lookup is made of, plus an opt-in injected-latency shim.
 
 gloo rejects list-form ``all_to_all`` with uneven sizes, so the counts travel first in an
 equal-size ``all_to_all_single`` and the payload follows with explicit split sizes; the same two
 calls work on NCCL and HCCL. With one rank (or no process group) the exchange is the identity.
+
+The **latency shim** exists because a 2-core loopback box has no network worth hiding: on CPU a
+gloo All2All costs a memcpy, so overlap cannot show. With ``set_latency_shim(alpha_ms, gbps)``
+every collective here additionally sleeps ``alpha + bytes / bandwidth`` — the cost model of the
+design brief (§8) — and sleeping releases the GIL, so a collective issued from a stream thread
+really does overlap compute on the main thread, as it would on a NIC. Off by default; benchmarks
+that use it say so in their output. ``COMM_BYTES`` counts payload bytes per channel either way.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
-__all__ = ["exchange_counts", "all_to_all_uneven"]
+__all__ = [
+    "COMM_BYTES",
+    "LatencyShim",
+    "all_reduce_mean",
+    "all_to_all_uneven",
+    "exchange_counts",
+    "get_latency_shim",
+    "set_latency_shim",
+]
+
+
+@dataclass(frozen=True)
+class LatencyShim:
+    """Per-call latency (seconds) and bandwidth (bytes per second) added to every collective."""
+
+    alpha_s: float
+    bytes_per_s: float
+
+    def delay(self, nbytes: int) -> float:
+        return self.alpha_s + nbytes / self.bytes_per_s
+
+
+_shim: LatencyShim | None = None
+_bytes_lock = threading.Lock()
+COMM_BYTES: Counter = Counter()  # channel name -> payload bytes sent by this process
+
+
+def set_latency_shim(alpha_ms: float | None, gbps: float = 10.0) -> None:
+    """Turn the shim on (``alpha_ms`` per call, ``gbps`` gigabits/s) or off (``None``)."""
+    global _shim
+    _shim = None if alpha_ms is None else LatencyShim(alpha_ms / 1e3, gbps * 1e9 / 8)
+
+
+def get_latency_shim() -> LatencyShim | None:
+    return _shim
+
+
+def _account(channel: str, nbytes: int) -> None:
+    with _bytes_lock:
+        COMM_BYTES[channel] += nbytes
+    if _shim is not None:
+        time.sleep(_shim.delay(nbytes))
 
 
 def _world(group) -> int:
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
-def exchange_counts(send_counts: torch.Tensor, group=None) -> torch.Tensor:
+def exchange_counts(send_counts: torch.Tensor, group=None, channel: str = "counts") -> torch.Tensor:
     """Tell every rank how many items it will receive from each peer (``send_counts[r]`` go to rank r)."""
     if _world(group) == 1:
         return send_counts.clone()
     recv = torch.empty_like(send_counts)
     dist.all_to_all_single(recv, send_counts, group=group)
+    _account(channel, send_counts.numel() * send_counts.element_size())
     return recv
 
 
 def all_to_all_uneven(
-    tensor: torch.Tensor, send_counts: list[int], recv_counts: list[int], group=None
+    tensor: torch.Tensor, send_counts: list[int], recv_counts: list[int], group=None, channel: str = "a2a"
 ) -> torch.Tensor:
     """Send ``tensor``'s first ``send_counts[0]`` rows to rank 0, the next to rank 1, ... ."""
     if _world(group) == 1:
         return tensor.clone()
     out = tensor.new_empty((sum(recv_counts), *tensor.shape[1:]))
     dist.all_to_all_single(out, tensor.contiguous(), recv_counts, send_counts, group=group)
+    _account(channel, tensor.numel() * tensor.element_size())
     return out
+
+
+def all_reduce_mean(tensors: list[torch.Tensor], group=None, channel: str = "allreduce") -> None:
+    """Average ``tensors`` over the ranks in place, as one flat (coalesced) all-reduce, like DDP's bucket."""
+    world = _world(group)
+    if world == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    flat.div_(world)
+    _account(channel, flat.numel() * flat.element_size())
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()

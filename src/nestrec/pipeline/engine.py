@@ -1,0 +1,448 @@
+"""``NestPipeEngine``: one training step of a row-sharded model, under one of four schedules.
+
+``sync``    the reference: lookup, All2All, dense fwd/bwd, sparse update, all inline
+            (``ShardedEmbeddingCollection.forward`` + ``apply_sparse_updates``).
+``dbp``     Dual-Buffer Pipelining: key routing (stage 3) of batch t+2 on the ``router`` thread
+            and row retrieval (stage 4) of batch t+1 on the ``retrieval`` thread run while batch t
+            computes; a dual-buffer copy after t's update makes t+1's prefetched rows exact.
+``fwp``     Frozen-Window Pipelining: the batch is split into N micro-batches; the row All2All
+            of micro-batch i+1 and the gradient All2All of micro-batch i run on the ``comm``
+            thread while micro-batch i computes. Parameters stay frozen inside the window.
+``nested``  DBP with FWP inside stage 5: the paper's NestPipe.
+
+Whatever the schedule, a batch ends with exactly one sparse update (on the summed per-row
+gradient) and one dense all-reduce + optimizer step, and the loss is normalised by the full
+local batch: the parameters equal ``sync``'s up to summation order (tests check ≤ 1e-10).
+
+Ordering rules that keep DBP exact (design brief §3.3), each enforced here:
+
+* the dual-buffer copy runs after the batch's update and before the next batch's forward;
+* the write-back of batch t is queued on the retrieval thread *before* the retrieval of batch
+  t+2, so rows in B(t) ∩ B(t+2) \\ B(t+1) are read after they were written (FIFO thread order);
+* the retrieval depth is 2 (one batch ahead): one intersection copy is then enough.
+
+``dual_buffer_copy=False`` and ``writeback_ordering=False`` exist only as negative controls:
+each deterministically breaks exactness, which is how the tests prove they detect staleness.
+
+On CPU the "streams" are single-worker threads (gloo collectives and sleeps release the GIL);
+each thread owns one process group, so concurrent collectives never interleave within a group.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from nestrec.errors import ConfigError
+from nestrec.pipeline.clustering import CLUSTERING_METHODS, cluster_samples, sample_keys
+from nestrec.pipeline.routing import (
+    RowBuffer,
+    TableRoute,
+    apply_update,
+    pool_micro_batch,
+    reconcile,
+    retrieve,
+    return_grads,
+    route_keys,
+    send_rows,
+    write_back,
+)
+from nestrec.pipeline.timeline import Timeline
+from nestrec.sharding.collection import ShardedEmbeddingCollection
+from nestrec.sharding.comm import all_reduce_mean
+from nestrec.sparse.jagged import JaggedFeatures
+
+__all__ = ["PIPELINE_MODES", "PipelineConfig", "PipelinedModel", "NestPipeEngine", "StepResult"]
+
+PIPELINE_MODES = ("sync", "dbp", "fwp", "nested")
+
+
+@dataclass
+class PipelineConfig:
+    """How steps are scheduled. ``micro_batches`` applies to ``fwp`` and ``nested``."""
+
+    mode: str = "sync"
+    micro_batches: int = 8
+    clustering: str = "signature"
+    retrieval_depth: int = 2
+    seed: int = 0
+    # Debug switches for negative controls only: turning either off breaks exactness on purpose.
+    dual_buffer_copy: bool = True
+    writeback_ordering: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in PIPELINE_MODES:
+            raise ConfigError(
+                f"unknown NestPipe pipeline {self.mode!r}; available: {', '.join(PIPELINE_MODES)}"
+            )
+        if int(self.micro_batches) < 1:
+            raise ConfigError(f"micro_batches must be >= 1, got {self.micro_batches}")
+        if self.clustering not in CLUSTERING_METHODS:
+            raise ConfigError(
+                f"unknown clustering {self.clustering!r}; expected one of {', '.join(CLUSTERING_METHODS)}"
+            )
+        if self.retrieval_depth != 2:
+            raise ConfigError(
+                f"retrieval_depth={self.retrieval_depth} is not supported: exactness with one dual-buffer copy "
+                "needs depth 2 (rows retrieved one batch ahead); deeper prefetch needs a cascading copy"
+            )
+
+    @property
+    def prefetch(self) -> bool:
+        return self.mode in ("dbp", "nested")
+
+    @property
+    def num_micro_batches(self) -> int:
+        return int(self.micro_batches) if self.mode in ("fwp", "nested") else 1
+
+
+@runtime_checkable
+class PipelinedModel(Protocol):
+    """What a model provides so its step can be pipelined: the embedding boundary made explicit.
+
+    ``loss_sum`` must be a *sum* of per-sample losses with no coupling between samples (no
+    batch norm, no in-batch negatives), so micro-batches add up to the batch (brief §6).
+    """
+
+    def sparse_features(self, batch: Any) -> JaggedFeatures: ...
+
+    def select_samples(self, batch: Any, index: torch.Tensor) -> Any: ...
+
+    def loss_sum(self, batch: Any, pooled: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean loss of the local batch
+    batch_size: int
+    step: int
+    step_ms: float
+    exposed_comm_ms: float
+    exposed_lookup_ms: float
+    dual_buffer_rows: int = 0
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Prepared:
+    step: int
+    batch: Any
+    size: int
+    micro: list[Any]
+    micro_sizes: list[int]
+    routes: dict[str, TableRoute] | None
+
+
+class _Ready:
+    """A handle that is already complete (same ``wait()`` as a future's)."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def result(self) -> Any:
+        return self.value
+
+
+class NestPipeEngine:
+    """Runs training steps for ``model`` whose tables are ``collection``.
+
+    Args:
+        model: implements :class:`PipelinedModel`.
+        collection: the model's sharded tables (already sharded for this rank).
+        dense_parameters: parameters outside the tables; their gradients are averaged over
+            ranks once per batch (the engine replaces DDP's reducer).
+        dense_step: applies the dense optimizer (and clears its gradients).
+        config: the schedule.
+        dense_group: process group of the dense all-reduce (default: the world).
+    """
+
+    def __init__(
+        self,
+        model: PipelinedModel,
+        collection: ShardedEmbeddingCollection,
+        dense_parameters: list[torch.nn.Parameter],
+        dense_step: Callable[[], None],
+        config: PipelineConfig | None = None,
+        dense_group=None,
+        timeline: Timeline | None = None,
+    ):
+        self.model = model
+        self.collection = collection
+        self.dense_parameters = [p for p in dense_parameters if p.requires_grad]
+        self.dense_step = dense_step
+        self.config = config or PipelineConfig()
+        self.dense_group = dense_group
+        self.timeline = timeline or Timeline()
+        self._feature_table = {f: t.name for t in collection.tables for f in t.features}
+        self._threads: dict[str, ThreadPoolExecutor] = {}
+        self._step = 0
+        self._iterator: Iterator | None = None
+        self._exhausted = True
+        self._routing: deque[Future] = deque()
+        self._current: tuple[_Prepared, Any] | None = None
+        self._writeback: Future | None = None
+        self._deferred: RowBuffer | None = None
+
+    # -- threads ------------------------------------------------------------------------------------
+    def _thread(self, lane: str) -> ThreadPoolExecutor:
+        if lane not in self._threads:
+            self._threads[lane] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"nestpipe-{lane}")
+        return self._threads[lane]
+
+    def _submit(self, lane: str, name: str, step: int, fn: Callable[[], Any]) -> Future:
+        def run():
+            with self.timeline.span(name, lane, step):
+                return fn()
+
+        return self._thread(lane).submit(run)
+
+    def _wait(self, name: str, step: int, handle) -> Any:
+        with self.timeline.span(f"wait:{name}", "main", step):
+            return handle.result()
+
+    def close(self) -> None:
+        """Finish pending work and stop the threads."""
+        self.flush()
+        for pool in self._threads.values():
+            pool.shutdown(wait=True)
+        self._threads.clear()
+
+    # -- public -------------------------------------------------------------------------------------
+    def step(self, iterator: Iterator) -> list[StepResult]:
+        """Train on the next batch of ``iterator`` (all remaining ones once it is exhausted).
+
+        Prefetching schedules read ahead; when the iterator runs dry (or says ``done``, as
+        Lightning's does), the batches already in flight are trained in this call, so an epoch
+        never loses its tail.
+        """
+        self.collection.train()
+        if not self.config.prefetch:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return []
+            return [self._run_inline(batch)]
+        if iterator is not self._iterator:
+            self.reset()
+            self._iterator, self._exhausted = iterator, False
+        return self._run_prefetched()
+
+    def flush(self) -> None:
+        """Make the host shards current (pending write-backs land). Prefetched rows stay valid."""
+        if self._writeback is not None:
+            self._writeback.result()
+            self._writeback = None
+        if self._deferred is not None:
+            write_back(self.collection, self._deferred)
+            self._deferred = None
+
+    def reset(self) -> None:
+        """Drop read-ahead state (new epoch, restored checkpoint). Nothing trained is lost."""
+        for future in self._routing:
+            future.result()  # collectives already issued must complete on every rank
+        self._routing.clear()
+        self._current = None
+        self.flush()
+        self._iterator, self._exhausted = None, True
+
+    # -- stage 1 + 3 --------------------------------------------------------------------------------
+    def _prepare(self, step: int, batch: Any) -> _Prepared:
+        features = self.model.sparse_features(batch)
+        size = features.batch_size
+        if self.config.mode == "sync":
+            return _Prepared(step, batch, size, [batch], [size], None)
+        parts = self.config.num_micro_batches
+        method = self.config.clustering if parts > 1 else "none"
+        keys = sample_keys(features, self._feature_table) if method != "none" else [[]] * size
+        plan = cluster_samples(keys, parts, method, seed=self.config.seed)
+        index = plan.micro_batches()
+        micro = [self.model.select_samples(batch, i) for i in index]
+        routes = route_keys(
+            self.collection, [features.select_samples(i) for i in index], self.collection.key_group
+        )
+        return _Prepared(step, batch, size, micro, [len(i) for i in index], routes)
+
+    # -- schedules ----------------------------------------------------------------------------------
+    def _run_inline(self, batch: Any) -> StepResult:
+        step, start = self._next_step(), time.perf_counter()
+        if self.config.mode == "sync":
+            loss, size = self._sync_compute(step, batch)
+            return self._result(step, start, loss, size)
+        with self.timeline.span("route", "main", step):
+            prepared = self._prepare(step, batch)
+        with self.timeline.span("retrieve", "main", step):
+            buffer = retrieve(self.collection, prepared.routes)
+        loss = self._stage5(prepared, buffer)
+        with self.timeline.span("write_back", "main", step):
+            write_back(self.collection, buffer)
+        return self._result(step, start, loss, prepared.size)
+
+    def _fill(self) -> None:
+        """Keep key routing two batches ahead of compute (stage 1 + 3 on the router thread)."""
+        while not self._exhausted and len(self._routing) + (self._current is not None) < 3:
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                self._exhausted = True
+                break
+            step = self._step + len(self._routing) + (self._current is not None)
+            self._routing.append(
+                self._submit("router", "route", step, lambda s=step, b=batch: self._prepare(s, b))
+            )
+            if getattr(self._iterator, "done", False):
+                self._exhausted = True
+
+    def _retrieval(self, prepared: _Prepared) -> Future:
+        return self._submit(
+            "retrieval", "retrieve", prepared.step, lambda: retrieve(self.collection, prepared.routes)
+        )
+
+    def _run_prefetched(self) -> list[StepResult]:
+        results = []
+        while True:
+            self._fill()
+            if self._current is None:
+                if not self._routing:
+                    break
+                first = self._wait("route", self._step, self._routing.popleft())
+                self._current = (first, self._retrieval(first))
+            prepared, handle = self._current
+            step, start = self._next_step(), time.perf_counter()
+            upcoming = None
+            if self._routing:
+                nxt = self._wait("route", step, self._routing.popleft())
+                # Queued after write-back(t-1) on the same thread: reads see every earlier update.
+                upcoming = (nxt, self._retrieval(nxt))
+                self._fill()
+            if self._deferred is not None:  # negative control: write-back lands after the read
+                if upcoming is not None:
+                    upcoming[1].result()
+                write_back(self.collection, self._deferred)
+                self._deferred = None
+            active = self._wait("retrieve", step, handle)
+            loss = self._stage5(prepared, active)
+            copied = 0
+            if upcoming is not None:
+                prefetch = self._wait("retrieve", step, upcoming[1])
+                if self.config.dual_buffer_copy:
+                    with self.timeline.span("dual_buffer_copy", "main", step):
+                        copied = reconcile(active, prefetch)
+                upcoming = (upcoming[0], _Ready(prefetch))
+            if self.config.writeback_ordering:
+                if self._writeback is not None:
+                    self._writeback.result()
+                self._writeback = self._submit(
+                    "retrieval", "write_back", step, lambda b=active: write_back(self.collection, b)
+                )
+            else:
+                self._deferred = active
+            self._current = upcoming
+            results.append(self._result(step, start, loss, prepared.size, copied))
+            if self._current is None or not self._exhausted:
+                break
+        if self._current is None and self._exhausted:
+            self.flush()
+        return results
+
+    # -- stage 5 ------------------------------------------------------------------------------------
+    def _stage5(self, prepared: _Prepared, buffer: RowBuffer) -> float:
+        """FWP over the prepared micro-batches: forward All2All ahead, gradient All2All behind."""
+        step, micro, routes = prepared.step, prepared.micro, prepared.routes
+        overlap = len(micro) > 1
+        group = self.collection.embedding_group
+        self._zero_dense_grads()
+
+        def fetch(i: int):
+            return lambda: send_rows(self.collection, buffer, routes, i, group)
+
+        forward: dict[int, Any] = {}
+        backward: list[Any] = []
+        if overlap:
+            forward[0] = self._submit("comm", "a2a_fwd", step, fetch(0))
+        total = 0.0
+        for i, batch in enumerate(micro):
+            if overlap:
+                if i + 1 < len(micro):
+                    forward[i + 1] = self._submit("comm", "a2a_fwd", step, fetch(i + 1))
+                rows = self._wait("a2a_fwd", step, forward.pop(i))
+            else:
+                with self.timeline.span("a2a_fwd", "main", step):
+                    rows = fetch(i)()
+            with self.timeline.span("compute", "main", step):
+                leaves = {name: r.detach().requires_grad_(True) for name, r in rows.items()}
+                if prepared.micro_sizes[i]:  # an empty micro-batch still joins the collectives
+                    pooled = pool_micro_batch(self.collection, routes, i, leaves)
+                    loss = self.model.loss_sum(batch, pooled) / prepared.size
+                    loss.backward()
+                    total += float(loss.detach())
+                grads = {
+                    n: (leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))
+                    for n, leaf in leaves.items()
+                }
+
+            def ret(i: int = i, g: dict = grads) -> None:
+                return_grads(self.collection, buffer, routes, i, g, group)
+
+            if overlap:
+                backward.append(self._submit("comm", "a2a_bwd", step, ret))
+            else:
+                with self.timeline.span("a2a_bwd", "main", step):
+                    ret()
+        for handle in backward:
+            self._wait("a2a_bwd", step, handle)
+        with self.timeline.span("sparse_update", "main", step):
+            apply_update(self.collection, buffer)
+        self._dense_update(step)
+        return total
+
+    def _sync_compute(self, step: int, batch: Any) -> tuple[float, int]:
+        self._zero_dense_grads()
+        features = self.model.sparse_features(batch)
+        with self.timeline.span("embedding_sync", "main", step):
+            pooled = self.collection(features)
+        with self.timeline.span("compute", "main", step):
+            loss = self.model.loss_sum(batch, pooled) / features.batch_size
+            loss.backward()
+        with self.timeline.span("embedding_sync", "main", step):
+            self.collection.apply_sparse_updates()
+        self._dense_update(step)
+        return float(loss.detach()), features.batch_size
+
+    # -- dense ----------------------------------------------------------------------------------------
+    def _zero_dense_grads(self) -> None:
+        for p in self.dense_parameters:
+            p.grad = None
+
+    def _dense_update(self, step: int) -> None:
+        for p in self.dense_parameters:
+            if p.grad is None:  # every rank must contribute every tensor to the all-reduce
+                p.grad = torch.zeros_like(p)
+        with self.timeline.span("allreduce", "main", step):
+            all_reduce_mean([p.grad for p in self.dense_parameters], self.dense_group)
+        with self.timeline.span("dense_step", "main", step):
+            self.dense_step()
+
+    # -- bookkeeping ------------------------------------------------------------------------------------
+    def _next_step(self) -> int:
+        step = self._step
+        self._step += 1
+        return step
+
+    def _result(self, step: int, start: float, loss: float, size: int, copied: int = 0) -> StepResult:
+        comm, lookup = self.timeline.exposed_ms(step)
+        return StepResult(
+            loss=loss,
+            batch_size=size,
+            step=step,
+            step_ms=(time.perf_counter() - start) * 1e3,
+            exposed_comm_ms=comm,
+            exposed_lookup_ms=lookup,
+            dual_buffer_rows=copied,
+            stages=self.timeline.stage_ms(step),
+        )

@@ -59,12 +59,12 @@ def test_lightning_hooks_and_trainer_features(tmp_path):
     )
     dm.setup()
     pl.seed_everything(0)
-    model = DLRMModule(**dm.model_kwargs(), dim=8)
+    model = DLRMModule(**dm.model_kwargs(), dim=8, gradient_clip_val=0.5)
     before = model.model.embeddings.stores["item"].weight.clone()
     recorder = HookRecorder()
     trainer = pl.Trainer(
         strategy=NestPipeStrategy(), accelerator="cpu", devices=1, max_steps=7, val_check_interval=5,
-        gradient_clip_val=0.5, callbacks=[recorder, pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)],
+        callbacks=[recorder, pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)],
         logger=pl.loggers.CSVLogger(tmp_path), enable_progress_bar=True, default_root_dir=tmp_path,
     )  # fmt: skip
     trainer.fit(model, datamodule=dm)
@@ -92,8 +92,10 @@ def test_bad_ids_and_unknown_pipeline():
         tables(JaggedFeatures.from_dense({**ok, "item": torch.tensor([29])}))
     with pytest.raises(UserInputError, match="feature 'user': id -1 is outside"):
         tables(JaggedFeatures.from_dense({**ok, "user": torch.tensor([-1])}))
-    with pytest.raises(ConfigError, match="unknown NestPipe pipeline 'dbp'"):
-        NestPipeStrategy(pipeline="dbp")
+    with pytest.raises(ConfigError, match="unknown NestPipe pipeline 'dpb'"):
+        NestPipeStrategy(pipeline="dpb")
+    with pytest.raises(ConfigError, match="retrieval_depth=3 is not supported"):
+        NestPipeStrategy(pipeline="nested", retrieval_depth=3)
 
 
 def test_one_and_two_processes_give_the_same_loss_curve(tmp_path):

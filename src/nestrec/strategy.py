@@ -13,8 +13,12 @@ plus four things, in the order a run meets them:
 4. Checkpoints are directories: Lightning's dict in ``meta.pt`` plus one shard file per rank
    (``nestrec.checkpoint``); loading reshards to the current world size.
 
-``pipeline`` chooses how lookups and All2All are scheduled; ``sync`` (the reference: every step
-waits for its own communication) is the only one implemented here.
+``pipeline`` chooses how lookups and All2All are scheduled (``nestrec.pipeline.engine``):
+``sync`` (every step waits for its own communication), ``dbp``, ``fwp`` or ``nested``. Models
+that implement ``PipelinedLightningModule`` run every schedule: the engine replaces DDP's reducer
+(the module is not wrapped; its states are broadcast once) and owns the optimizer step. Other
+models with sharded tables (e.g. SASRec's ``embedding=sharded``) run ``sync`` through
+``optimizer_step`` below and are refused any other schedule.
 """
 
 from __future__ import annotations
@@ -26,17 +30,20 @@ from typing import Any
 import lightning.pytorch as pl
 import torch.distributed as dist
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from torch.distributed.constants import default_pg_timeout
 
 from nestrec.checkpoint import is_sharded_checkpoint, load_shards, save_shards
 from nestrec.devices import get_device_api
 from nestrec.errors import ConfigError
+from nestrec.pipeline.engine import PIPELINE_MODES, PipelineConfig
+from nestrec.pipeline.lightning import PipelinedLightningModule
 from nestrec.sharding.collection import ShardedEmbeddingCollection
 
 __all__ = ["NestPipeStrategy", "PIPELINES"]
 
-PIPELINES = ("sync",)
+PIPELINES = PIPELINE_MODES
 
 
 class NestPipeStrategy(DDPStrategy):
@@ -45,6 +52,9 @@ class NestPipeStrategy(DDPStrategy):
     def __init__(
         self,
         pipeline: str = "sync",
+        micro_batches: int = 8,
+        clustering: str = "signature",
+        retrieval_depth: int = 2,
         host_memory_budget_gb: float | None = None,
         accelerator=None,
         parallel_devices=None,
@@ -56,8 +66,10 @@ class NestPipeStrategy(DDPStrategy):
         start_method: str = "popen",
         **ddp_kwargs: Any,
     ):
-        if pipeline not in PIPELINES:
-            raise ConfigError(f"unknown NestPipe pipeline {pipeline!r}; available: {', '.join(PIPELINES)}")
+        # Validates every pipeline option before any process starts.
+        self.pipeline_config = PipelineConfig(
+            mode=pipeline, micro_batches=micro_batches, clustering=clustering, retrieval_depth=retrieval_depth
+        )
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -125,10 +137,27 @@ class NestPipeStrategy(DDPStrategy):
                 )
         super().setup(trainer)
 
+    def _pipelined(self) -> bool:
+        return isinstance(self.lightning_module, PipelinedLightningModule)
+
+    def configure_ddp(self) -> None:
+        if self._pipelined():
+            # The engine all-reduces dense gradients itself (once per batch, after all micro-batches);
+            # DDP's reducer would fire per backward. Start from rank 0's dense weights, as DDP does.
+            _sync_module_states(self.model)
+            return
+        if self.pipeline_config.mode != "sync" and self.sharded_collections():
+            raise ConfigError(
+                f"strategy.pipeline={self.pipeline_config.mode} needs a model built on PipelinedLightningModule "
+                f"(e.g. model=dlrm); {type(self.lightning_module).__name__} runs with strategy.pipeline=sync"
+            )
+        super().configure_ddp()
+
     def optimizer_step(self, optimizer, closure, model=None, **kwargs: Any) -> Any:
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
-        for collection in self.sharded_collections():
-            collection.apply_sparse_updates()
+        if not self._pipelined():  # pipelined modules update their tables inside the engine
+            for collection in self.sharded_collections():
+                collection.apply_sparse_updates()
         return output
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -143,6 +172,8 @@ class NestPipeStrategy(DDPStrategy):
         collections = self.sharded_collections()
         if not collections:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
+        if self._pipelined():
+            self.lightning_module.flush_pipeline()  # pending write-backs land before shards are read
         if storage_options is not None:
             raise TypeError("NestPipeStrategy.save_checkpoint(storage_options=...) is not supported")
         path = Path(self.broadcast(str(filepath)))

@@ -8,13 +8,13 @@ row-wise sparse optimizer of the collection. AUC comes from torchmetrics (which 
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import BinaryAUROC
 
 from nestrec.embedding.config import EmbeddingTableConfig
+from nestrec.pipeline.lightning import PipelinedLightningModule
 from nestrec.sharding import ShardedEmbeddingCollection, build_row_optimizer
 
 __all__ = ["DLRM", "DLRMModule"]
@@ -48,14 +48,21 @@ class DLRM(nn.Module):
         self.top = mlp([dim + vectors * (vectors - 1) // 2, *top, 1], final_activation=False)
 
     def forward(self, features, dense: torch.Tensor) -> torch.Tensor:
-        pooled = self.embeddings(features)
+        return self.interact(self.embeddings(features), dense)
+
+    def interact(self, pooled: dict[str, torch.Tensor], dense: torch.Tensor) -> torch.Tensor:
+        """Everything after the embedding lookup: the part pipelines run per micro-batch."""
         stacked = torch.stack([self.bottom(dense)] + [pooled[f] for f in self.features], dim=1)  # [B, V, D]
         dots = torch.bmm(stacked, stacked.transpose(1, 2))[:, self.pairs[0], self.pairs[1]]
         return self.top(torch.cat([stacked[:, 0], dots], dim=1)).squeeze(1)
 
 
-class DLRMModule(pl.LightningModule):
-    """Lightning stage for DLRM. ``table_sizes`` comes from the data module."""
+class DLRMModule(PipelinedLightningModule):
+    """Lightning stage for DLRM. ``table_sizes`` comes from the data module.
+
+    Built on :class:`PipelinedLightningModule`, so every ``strategy.pipeline`` schedule trains it:
+    its loss is a per-sample sum (BCE), with no coupling between samples.
+    """
 
     def __init__(
         self,
@@ -70,9 +77,11 @@ class DLRMModule(pl.LightningModule):
         sharding: str = "range",
         init_std: float = 0.05,
         seed: int = 0,
+        gradient_clip_val: float | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
+        self.gradient_clip_val = gradient_clip_val
         pooling = {"genre": "mean"}
         self.tables = [
             EmbeddingTableConfig(
@@ -94,11 +103,23 @@ class DLRMModule(pl.LightningModule):
     def forward(self, batch: dict) -> torch.Tensor:
         return self.model(batch["features"], batch["dense"])
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = F.binary_cross_entropy_with_logits(self(batch), batch["label"])
-        # The global mean over ranks (equal local batches), so 1- and W-process curves compare.
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["label"]))
-        return loss
+    # -- PipelinedModel contract: the engine runs training (lookup, micro-batches, updates) ----------
+    def sharded_tables(self) -> ShardedEmbeddingCollection:
+        return self.model.embeddings
+
+    def sparse_features(self, batch: dict):
+        return batch["features"]
+
+    def select_samples(self, batch: dict, index: torch.Tensor) -> dict:
+        return {
+            "features": batch["features"].select_samples(index),
+            "dense": batch["dense"][index],
+            "label": batch["label"][index],
+        }
+
+    def loss_sum(self, batch: dict, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self.model.interact(pooled, batch["dense"])
+        return F.binary_cross_entropy_with_logits(logits, batch["label"], reduction="sum")
 
     def _evaluate(self, batch: dict, stage: str, auc: BinaryAUROC) -> None:
         logits = self(batch)

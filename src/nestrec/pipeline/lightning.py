@@ -1,0 +1,142 @@
+"""``PipelinedLightningModule``: the Lightning side of the NestPipe engine.
+
+Pipelining needs the step to read batches *ahead*, so the module takes Lightning's
+``dataloader_iter`` (Lightning then hands over the raw iterator) and uses manual optimisation:
+the engine owns the order of lookup, All2All, backward, sparse update, dense all-reduce and
+optimizer step — the same division of labour as TorchRec's ``TrainPipeline.progress``.
+
+A subclass provides the :class:`~nestrec.pipeline.engine.PipelinedModel` contract
+(``sparse_features``, ``select_samples``, ``loss_sum``) and ``sharded_tables()``; it gets a
+``training_step`` that works under every strategy: under ``strategy=nestpipe`` the strategy's
+pipeline schedule, elsewhere the ``sync`` schedule in one process.
+
+Gradient clipping of dense parameters is the module's ``gradient_clip_val`` hyper-parameter
+(Lightning forbids ``Trainer(gradient_clip_val=...)`` with manual optimisation); it is applied
+after the all-reduce, so every schedule clips the same gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from nestrec.pipeline.engine import NestPipeEngine, PipelineConfig, StepResult
+from nestrec.sharding.collection import ShardedEmbeddingCollection
+
+__all__ = ["PipelinedLightningModule"]
+
+
+class _Batches(Iterator):
+    """Lightning's ``(batch, batch_idx, dataloader_idx)`` iterator as plain device batches; keeps ``done``."""
+
+    def __init__(self, module: pl.LightningModule, iterator: Iterator):
+        self.module, self.iterator = module, iterator
+
+    @property
+    def done(self) -> bool:
+        return bool(getattr(self.iterator, "done", False))
+
+    def __next__(self) -> Any:
+        batch, _, _ = next(self.iterator)
+        return self.module.trainer.strategy.batch_to_device(batch)
+
+
+class PipelinedLightningModule(pl.LightningModule):
+    #: dense-gradient clipping (norm), applied after the all-reduce; None disables it
+    gradient_clip_val: float | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self._engine: NestPipeEngine | None = None
+        self._batches: _Batches | None = None
+
+    # -- contract (see PipelinedModel) --------------------------------------------------------------
+    def sharded_tables(self) -> ShardedEmbeddingCollection:
+        raise NotImplementedError
+
+    def sparse_features(self, batch: Any):
+        raise NotImplementedError
+
+    def select_samples(self, batch: Any, index: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    def loss_sum(self, batch: Any, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- engine -------------------------------------------------------------------------------------
+    @property
+    def pipeline_engine(self) -> NestPipeEngine:
+        if self._engine is None:
+            strategy = self.trainer.strategy
+            config = getattr(strategy, "pipeline_config", None) or PipelineConfig(mode="sync")
+            self._engine = NestPipeEngine(
+                model=self,
+                collection=self.sharded_tables(),
+                dense_parameters=[p for p in self.parameters() if p.requires_grad],
+                dense_step=self._dense_step,
+                config=config,
+            )
+        return self._engine
+
+    def _dense_step(self) -> None:
+        optimizer = self.optimizers()
+        if self.gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def training_step(self, dataloader_iter: Iterator) -> torch.Tensor | None:
+        if self._batches is None or self._batches.iterator is not dataloader_iter:
+            self._batches = _Batches(self, dataloader_iter)
+        results = self.pipeline_engine.step(self._batches)
+        if not results:
+            return None
+        self._log_results(results)
+        return torch.tensor(sum(r.loss for r in results) / len(results))
+
+    def _log_results(self, results: list[StepResult]) -> None:
+        n = len(results)
+        loss = sum(r.loss for r in results) / n
+        size = sum(r.batch_size for r in results)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=size)
+        for key in ("step_ms", "exposed_comm_ms", "exposed_lookup_ms", "dual_buffer_rows"):
+            self.log(f"pipeline/{key}", sum(getattr(r, key) for r in results) / n, batch_size=size)
+
+    # -- keep the host shards current whenever something else reads them ----------------------------
+    def flush_pipeline(self) -> None:
+        if self._engine is not None:
+            self._engine.flush()
+
+    def on_validation_start(self) -> None:
+        self.flush_pipeline()
+
+    def on_test_start(self) -> None:
+        self.flush_pipeline()
+
+    def on_predict_start(self) -> None:
+        self.flush_pipeline()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.flush_pipeline()
+
+    def on_train_end(self) -> None:
+        if self._engine is None:
+            return
+        self._engine.close()
+        if self.trainer.is_global_zero and self._engine.config.mode != "sync":
+            self.write_timeline(Path(self.trainer.default_root_dir) / "pipeline")
+
+    def write_timeline(self, directory: Path, last_steps: int = 4) -> None:
+        """Chrome trace + PNG of the last few steps, to see the overlap."""
+        timeline = self._engine.timeline
+        steps = sorted({s.step for s in timeline.spans()})[-last_steps:]
+        if not steps:
+            return
+        title = f"NestPipe {self._engine.config.mode} (N={self._engine.config.num_micro_batches}), rank 0"
+        timeline.write_chrome_trace(directory / "timeline.json", set(steps))
+        timeline.plot(directory / "timeline.png", set(steps), title=title)

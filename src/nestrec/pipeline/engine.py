@@ -179,6 +179,7 @@ class NestPipeEngine:
         self.config = config or PipelineConfig()
         self.dense_group = dense_group
         self.timeline = timeline or Timeline()
+        self.device = collection._device
         self._feature_table = {f: t.name for t in collection.tables for f in t.features}
         self._threads: dict[str, ThreadPoolExecutor] = {}
         self._step = 0
@@ -375,14 +376,15 @@ class NestPipeEngine:
                 with self.timeline.span("a2a_fwd", "main", step):
                     rows = fetch(i)()
             with self.timeline.span("compute", "main", step):
-                leaves = {name: r.detach().requires_grad_(True) for name, r in rows.items()}
+                # Rows arrive on the host (gloo); dense compute runs where the model lives.
+                leaves = {name: r.to(self.device).detach().requires_grad_(True) for name, r in rows.items()}
                 if prepared.micro_sizes[i]:  # an empty micro-batch still joins the collectives
                     pooled = pool_micro_batch(self.collection, routes, i, leaves)
                     loss = self.model.loss_sum(batch, pooled) / prepared.size
                     loss.backward()
                     total += float(loss.detach())
                 grads = {
-                    n: (leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))
+                    n: (leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).cpu()
                     for n, leaf in leaves.items()
                 }
 

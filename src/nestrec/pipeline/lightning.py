@@ -86,7 +86,9 @@ class PipelinedLightningModule(pl.LightningModule):
     def _dense_step(self) -> None:
         optimizer = self.optimizers()
         if self.gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm"
+            )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -33,12 +33,16 @@ __all__ = [
 ]
 
 
+EMBEDDING_CHANNELS = ("counts", "keys", "rows", "grads")
+
+
 @dataclass(frozen=True)
 class LatencyShim:
-    """Per-call latency (seconds) and bandwidth (bytes per second) added to every collective."""
+    """Per-call latency (seconds) and bandwidth (bytes per second) added to the shimmed channels."""
 
     alpha_s: float
     bytes_per_s: float
+    channels: tuple[str, ...] = EMBEDDING_CHANNELS
 
     def delay(self, nbytes: int) -> float:
         return self.alpha_s + nbytes / self.bytes_per_s
@@ -49,10 +53,16 @@ _bytes_lock = threading.Lock()
 COMM_BYTES: Counter = Counter()  # channel name -> payload bytes sent by this process
 
 
-def set_latency_shim(alpha_ms: float | None, gbps: float = 10.0) -> None:
-    """Turn the shim on (``alpha_ms`` per call, ``gbps`` gigabits/s) or off (``None``)."""
+def set_latency_shim(
+    alpha_ms: float | None, gbps: float = 10.0, channels: tuple[str, ...] = EMBEDDING_CHANNELS
+) -> None:
+    """Turn the shim on (``alpha_ms`` per call, ``gbps`` gigabits/s) or off (``None``).
+
+    By default only the embedding channels (key routing, rows, gradients) are shimmed: they are
+    what the pipelines schedule; the dense all-reduce keeps its real cost in every mode.
+    """
     global _shim
-    _shim = None if alpha_ms is None else LatencyShim(alpha_ms / 1e3, gbps * 1e9 / 8)
+    _shim = None if alpha_ms is None else LatencyShim(alpha_ms / 1e3, gbps * 1e9 / 8, tuple(channels))
 
 
 def get_latency_shim() -> LatencyShim | None:
@@ -62,7 +72,7 @@ def get_latency_shim() -> LatencyShim | None:
 def _account(channel: str, nbytes: int) -> None:
     with _bytes_lock:
         COMM_BYTES[channel] += nbytes
-    if _shim is not None:
+    if _shim is not None and channel in _shim.channels:
         time.sleep(_shim.delay(nbytes))
 
 

@@ -78,11 +78,19 @@ class JaggedFeatures:
         return {k: (values[i], per_key[i]) for i, k in enumerate(self.keys)}
 
     def select_samples(self, index: torch.Tensor) -> JaggedFeatures:
-        """The same features for a subset (or permutation) of the samples: micro-batches, clustering."""
+        """The same features for a subset (or permutation) of the samples: micro-batches, clustering.
+
+        Vectorised (one gather per feature): the pipelines call this for every micro-batch.
+        """
+        index = index.to(self.lengths.device).long()
         out = {}
         for key, (values, lengths) in self.split().items():
-            offsets = torch.zeros(len(lengths) + 1, dtype=torch.long, device=lengths.device)
-            offsets[1:] = torch.cumsum(lengths, 0)
-            pieces = [values[offsets[i] : offsets[i + 1]] for i in index.tolist()]
-            out[key] = (torch.cat(pieces) if pieces else values[:0], lengths[index])
+            starts = torch.cumsum(lengths, 0) - lengths
+            picked = lengths[index]
+            total = int(picked.sum())
+            # position of every selected id = its sample's start + its rank within the sample
+            first = torch.cumsum(picked, 0) - picked
+            positions = torch.repeat_interleave(starts[index] - first, picked, output_size=total)
+            positions += torch.arange(total, device=values.device)
+            out[key] = (values[positions], picked)
         return JaggedFeatures.from_dict(out)

@@ -149,6 +149,34 @@ def reconcile(active: RowBuffer, prefetch: RowBuffer) -> int:
     return copied
 
 
+def _fused_all_to_all(
+    payloads: list[torch.Tensor],
+    send_counts: list[list[int]],
+    recv_counts: list[list[int]],
+    group,
+    channel: str,
+) -> list[torch.Tensor]:
+    """One All2All for several tables: per destination, every table's rows flattened back to back.
+
+    ``payloads[t]`` holds table t's rows grouped by destination (``send_counts[t][r]`` rows for
+    rank r); returns table t's received rows grouped by source (``recv_counts[t][s]`` from rank s).
+    One collective per micro-batch instead of one per table, as TorchRec's grouped All2All: the
+    per-call latency (2N·α per batch under FWP) is what bounds the useful micro-batch count.
+    """
+    world = len(send_counts[0])
+    dims = [p.shape[1] if p.dim() > 1 else 1 for p in payloads]
+    chunks = [p.split(counts) for p, counts in zip(payloads, send_counts)]
+    send = torch.cat([chunks[t][r].reshape(-1) for r in range(world) for t in range(len(payloads))])
+    send_splits = [sum(send_counts[t][r] * dims[t] for t in range(len(payloads))) for r in range(world)]
+    recv_splits = [sum(recv_counts[t][s] * dims[t] for t in range(len(payloads))) for s in range(world)]
+    received = all_to_all_uneven(send, send_splits, recv_splits, group, channel)
+    pieces = received.split([recv_counts[t][s] * dims[t] for s in range(world) for t in range(len(payloads))])
+    return [
+        torch.cat([pieces[s * len(payloads) + t] for s in range(world)]).view(-1, *payloads[t].shape[1:])
+        for t in range(len(payloads))
+    ]
+
+
 def send_rows(
     collection: ShardedEmbeddingCollection,
     buffer: RowBuffer,
@@ -160,14 +188,20 @@ def send_rows(
 
     Returns, per table, the requester's unique rows in sorted-id order.
     """
+    names = [t.name for t in collection.tables]
+    micro_routes = [routes[n].micro[micro] for n in names]
+    returned = _fused_all_to_all(
+        [buffer.rows[n][r.served] for n, r in zip(names, micro_routes)],
+        [r.recv_counts for r in micro_routes],
+        [r.send_counts for r in micro_routes],
+        group,
+        "rows",
+    )
     out = {}
-    for table in collection.tables:
-        route = routes[table.name].micro[micro]
-        served = buffer.rows[table.name][route.served]
-        returned = all_to_all_uneven(served, route.recv_counts, route.send_counts, group, "rows")
-        rows = torch.empty_like(returned)
-        rows[route.order] = returned
-        out[table.name] = rows
+    for name, route, rows_in_owner_order in zip(names, micro_routes, returned):
+        rows = torch.empty_like(rows_in_owner_order)
+        rows[route.order] = rows_in_owner_order
+        out[name] = rows
     return out
 
 
@@ -194,11 +228,17 @@ def return_grads(
     group=None,
 ) -> None:
     """Stage 5 backward All2All: per-row gradients go to their owners and accumulate in the buffer."""
-    for table in collection.tables:
-        route = routes[table.name].micro[micro]
-        send = grads[table.name][route.order]
-        back = all_to_all_uneven(send, route.send_counts, route.recv_counts, group, "grads")
-        buffer.grads[table.name].index_add_(0, route.served, back.to(buffer.grads[table.name].dtype))
+    names = [t.name for t in collection.tables]
+    micro_routes = [routes[n].micro[micro] for n in names]
+    received = _fused_all_to_all(
+        [grads[n][r.order] for n, r in zip(names, micro_routes)],
+        [r.send_counts for r in micro_routes],
+        [r.recv_counts for r in micro_routes],
+        group,
+        "grads",
+    )
+    for name, route, back in zip(names, micro_routes, received):
+        buffer.grads[name].index_add_(0, route.served, back.to(buffer.grads[name].dtype))
 
 
 def apply_update(collection: ShardedEmbeddingCollection, buffer: RowBuffer) -> None:

@@ -126,11 +126,24 @@ class Timeline:
         names = sorted({s.name for s in spans})
         cmap = plt.get_cmap("tab20")
         colour = {n: cmap(i % 20) for i, n in enumerate(names)}
-        t0 = min((s.start for s in spans), default=0.0)
+        # Window on the main thread's work: read-ahead done long before (e.g. while other runs
+        # of a benchmark were interleaved) is clipped to the window's left edge.
+        main = [s.start for s in spans if s.lane == "main"]
+        t0 = min(main or [s.start for s in spans] or [0.0])
         fig, ax = plt.subplots(figsize=(12, 3.2))
         for s in spans:
+            if s.end < t0:
+                continue
             row = LANES.index(s.lane) if s.lane in LANES else len(LANES)
-            ax.barh(row, s.ms, left=(s.start - t0) * 1e3, color=colour[s.name], edgecolor="black", lw=0.3)
+            start = max(s.start, t0)
+            ax.barh(
+                row,
+                (s.end - start) * 1e3,
+                left=(start - t0) * 1e3,
+                color=colour[s.name],
+                edgecolor="black",
+                lw=0.3,
+            )
         ax.set_yticks(range(len(LANES)), LANES)
         ax.invert_yaxis()
         ax.set_xlabel("ms")

@@ -67,10 +67,11 @@ def make_stream(args, rank: int) -> list[tuple[JaggedFeatures, torch.Tensor, tor
     """
     g = torch.Generator().manual_seed(1000 + rank)
     global_probs = 1.0 / torch.arange(1, args.rows + 1, dtype=torch.float64) ** args.zipf
-    topic_probs = 1.0 / torch.arange(1, args.topic_rows + 1, dtype=torch.float64) ** args.zipf
+    topic_rows = min(args.topic_rows, args.rows)
+    topic_probs = 1.0 / torch.arange(1, topic_rows + 1, dtype=torch.float64) ** args.zipf
     vocab = torch.stack(
         [
-            torch.randperm(args.rows, generator=torch.Generator().manual_seed(77 + t))[: args.topic_rows]
+            torch.randperm(args.rows, generator=torch.Generator().manual_seed(77 + t))[:topic_rows]
             for t in range(args.topics)
         ]
     )

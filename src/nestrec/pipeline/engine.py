@@ -216,11 +216,11 @@ class NestPipeEngine:
 
     # -- public -------------------------------------------------------------------------------------
     def step(self, iterator: Iterator) -> list[StepResult]:
-        """Train on the next batch of ``iterator`` (all remaining ones once it is exhausted).
+        """Train on the next batch of ``iterator``: a list of one result, or ``[]`` when none is left.
 
-        Prefetching schedules read ahead; when the iterator runs dry (or says ``done``, as
-        Lightning's does), the batches already in flight are trained in this call, so an epoch
-        never loses its tail.
+        Prefetching schedules read up to two batches ahead; once the iterator runs dry they keep
+        returning the batches already in flight, one per call, so an epoch never loses its tail
+        (``in_flight`` says whether any remain).
         """
         self.collection.train()
         if not self.config.prefetch:
@@ -233,6 +233,15 @@ class NestPipeEngine:
             self.reset()
             self._iterator, self._exhausted = iterator, False
         return self._run_prefetched()
+
+    @property
+    def in_flight(self) -> bool:
+        """Batches read from the iterator but not trained yet (prefetching schedules only)."""
+        return self._current is not None or bool(self._routing)
+
+    @property
+    def exhausted(self) -> bool:
+        return self._exhausted
 
     def flush(self) -> None:
         """Make the host shards current (pending write-backs land). Prefetched rows stay valid."""
@@ -296,8 +305,6 @@ class NestPipeEngine:
             self._routing.append(
                 self._submit("router", "route", step, lambda s=step, b=batch: self._prepare(s, b))
             )
-            if getattr(self._iterator, "done", False):
-                self._exhausted = True
 
     def _retrieval(self, prepared: _Prepared) -> Future:
         return self._submit(
@@ -345,8 +352,7 @@ class NestPipeEngine:
                 self._deferred = active
             self._current = upcoming
             results.append(self._result(step, start, loss, prepared.size, copied))
-            if self._current is None or not self._exhausted:
-                break
+            break
         if self._current is None and self._exhausted:
             self.flush()
         return results

@@ -31,14 +31,10 @@ __all__ = ["PipelinedLightningModule"]
 
 
 class _Batches(Iterator):
-    """Lightning's ``(batch, batch_idx, dataloader_idx)`` iterator as plain device batches; keeps ``done``."""
+    """Lightning's ``(batch, batch_idx, dataloader_idx)`` iterator as plain device batches."""
 
     def __init__(self, module: pl.LightningModule, iterator: Iterator):
         self.module, self.iterator = module, iterator
-
-    @property
-    def done(self) -> bool:
-        return bool(getattr(self.iterator, "done", False))
 
     def __next__(self) -> Any:
         batch, _, _ = next(self.iterator)
@@ -95,13 +91,20 @@ class PipelinedLightningModule(pl.LightningModule):
     def training_step(self, dataloader_iter: Iterator) -> torch.Tensor | None:
         if self._batches is None or self._batches.iterator is not dataloader_iter:
             self._batches = _Batches(self, dataloader_iter)
-        results = self.pipeline_engine.step(self._batches)
+        engine = self.pipeline_engine
+        results = engine.step(self._batches)
+        fetcher = getattr(dataloader_iter, "data_fetcher", None)
+        if engine.config.prefetch and fetcher is not None:
+            # Lightning ends the epoch once its fetcher is done, i.e. as soon as the read-ahead has
+            # taken the last batch. The epoch is done when the last batch has been *trained*: one
+            # batch per step, so logging, hooks and batch counts match the sync schedule.
+            fetcher.done = engine.exhausted and not engine.in_flight
         if not results:
             return None
         self._log_results(results)
         return torch.tensor(sum(r.loss for r in results) / len(results))
 
-    def _log_results(self, results: list[StepResult]) -> None:
+    def _log_results(self, results: list[StepResult]) -> None:  # one result per step
         n = len(results)
         loss = sum(r.loss for r in results) / n
         size = sum(r.batch_size for r in results)

@@ -75,10 +75,9 @@ class CostModel:
         n = self.micro_batches
         total = self.comm_micro(workers)
         c, d = total / (2 * n), self.dense_ms / n  # per micro-batch comm (one direction) and compute
-        if c <= d:  # compute-bound: only the first forward and last backward are exposed
-            exposed = 2 * c
-        else:  # comm-bound: the comm stream is the critical path
-            exposed = total - (self.dense_ms - d)
+        # compute-bound: only the first forward and last backward All2All are exposed;
+        # comm-bound: the comm stream is the critical path, compute hides only D - d of it.
+        exposed = 2 * c if c <= d else total - (self.dense_ms - d)
         return self.dense_ms + exposed, exposed
 
     def step(self, schedule: str, workers: int) -> dict[str, float]:

@@ -29,8 +29,8 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/.nestrec-installed
-	$(BIN)/ruff check src tests plugins
-	$(BIN)/ruff format --check src tests plugins
+	$(BIN)/ruff check src tests plugins bench
+	$(BIN)/ruff format --check src tests plugins bench
 
 clean:
 	rm -rf outputs multirun build dist src/*.egg-info

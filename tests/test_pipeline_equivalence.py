@@ -85,3 +85,51 @@ def test_negative_controls_are_detected(world_size, label, stale_rows, tmp_path_
     results = _results(world_size, tmp_path_factory)
     diffs = _max_diff(results[label], results["sync"])
     assert diffs["item.weight"] > 1e-6, f"{label}: {stale_rows} went undetected: {diffs}"
+
+
+def _two_batch_run(config) -> dict[str, torch.Tensor]:
+    """One process: two batches that share item 5, the rest disjoint."""
+    from nestrec.pipeline.engine import NestPipeEngine
+    from nestrec.sharding import RowWiseAdagrad, ShardedEmbeddingCollection
+    from nestrec.sparse import JaggedFeatures
+    from pipeline_reference import TinyModel
+    from sharded_reference import TABLES, Head
+
+    def batch(items, users):
+        n = len(items)
+        features = JaggedFeatures.from_dict(
+            {
+                "user": (torch.tensor(users), torch.ones(n, dtype=torch.long)),
+                "item": (torch.tensor(items), torch.ones(n, dtype=torch.long)),
+                "history": (torch.tensor(items), torch.ones(n, dtype=torch.long)),
+            }
+        )
+        return features, torch.tensor([1.0, 0.0][:n], dtype=torch.float64)
+
+    tables = ShardedEmbeddingCollection(TABLES, optimizer=RowWiseAdagrad(lr=0.3), dtype=torch.float64)
+    head = Head()
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    engine = NestPipeEngine(TinyModel(head), tables, list(head.parameters()), opt.step, config)
+    stream = iter([batch([5, 1], [0, 1]), batch([5, 2], [2, 3])])
+    while engine.step(stream):
+        pass
+    engine.close()
+    return {
+        "item.weight": tables.gather_full("item"),
+        "item.state.sum": tables.gather_full("item", "state.sum"),
+    }
+
+
+def test_fbgemm_prefetch_race_is_closed_by_the_dual_buffer_copy():
+    """FBGEMM's documented race (design brief §10.3): a row missing from batch i's cache is
+    prefetched from host memory for batch i+1 *before* batch i's backward writes it, so batch
+    i+1 reads a stale row. Here: item 5 is in both batches; its row for batch 2 is retrieved
+    while batch 1 trains. The dual-buffer copy must hand batch 2 the updated row and state."""
+    from nestrec.pipeline.engine import PipelineConfig
+
+    reference = _two_batch_run(PipelineConfig(mode="sync"))
+    exact = _two_batch_run(PipelineConfig(mode="dbp"))
+    racy = _two_batch_run(PipelineConfig(mode="dbp", dual_buffer_copy=False))
+    assert max(_max_diff(exact, reference).values()) <= 1e-12
+    stale = _max_diff(racy, reference)
+    assert stale["item.weight"] > 1e-3 and stale["item.state.sum"] > 1e-6, stale

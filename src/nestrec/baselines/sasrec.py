@@ -26,8 +26,9 @@ from torch import nn
 
 from nestrec.errors import ConfigError
 from nestrec.evaluation import NextItemRecommender
+from nestrec.pipeline.lightning import PipelinedLightningModule
 
-__all__ = ["SASRec", "SASRecModule"]
+__all__ = ["PipelinedSASRecModule", "SASRec", "SASRecModule", "sasrec_module"]
 
 
 class CausalSelfAttentionBlock(nn.Module):
@@ -122,12 +123,20 @@ class SASRec(nn.Module):
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
 
-    def forward(self, items: torch.Tensor) -> torch.Tensor:
-        """``items [B, L]`` (left-padded with 0) → hidden ``[B, L, dim]`` (zero at padded positions)."""
+    def forward(self, items: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``items [B, L]`` (left-padded with 0) → hidden ``[B, L, dim]`` (zero at padded positions).
+
+        ``rows`` are the items' input embeddings when a pipeline has already looked them up.
+        """
         batch, length = items.shape
         present = items > 0
         positions = torch.arange(length, device=items.device)
-        rows = self.input_embedding(items) if self.input_embedding is not None else self.item_embedding(items)
+        if rows is None:
+            rows = (
+                self.input_embedding(items)
+                if self.input_embedding is not None
+                else self.item_embedding(items)
+            )
         x = rows * self.scale + self.position_embedding(positions)
         x = self.embed_dropout(x) * present.unsqueeze(-1)
         causal = torch.ones(length, length, dtype=torch.bool, device=items.device).tril()
@@ -183,24 +192,32 @@ class SASRecModule(NextItemRecommender):
         )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        hidden = self.model(batch["input"])
+        present = batch["target"] > 0
+        loss = self.token_loss(batch, self.model(batch["input"]), "mean")
+        self.log("train/loss", loss, prog_bar=True, batch_size=int(present.shape[0]))
+        return loss
+
+    def token_loss(
+        self, batch: dict[str, torch.Tensor], hidden: torch.Tensor, reduction: str
+    ) -> torch.Tensor:
+        """Next-item loss over every real target position (``mean`` or ``sum`` over positions)."""
         target = batch["target"]
         present = target > 0
         hidden, target = hidden[present], target[present]
         if self.hparams.loss == "ce":
             # Score real items only (skip the padding row) instead of masking a copy of the logits.
             logits = hidden @ self.model.item_embedding.weight[1:].t()
-            loss = F.cross_entropy(logits, target - 1)
-        else:
-            negatives = torch.randint(1, self.num_items + 1, target.shape, device=target.device)
-            weight = self.model.item_embedding.weight
-            pos = (hidden * weight[target]).sum(-1)
-            neg = (hidden * weight[negatives]).sum(-1)
-            loss = F.binary_cross_entropy_with_logits(
-                torch.cat([pos, neg]), torch.cat([torch.ones_like(pos), torch.zeros_like(neg)])
-            )
-        self.log("train/loss", loss, prog_bar=True, batch_size=int(present.shape[0]))
-        return loss
+            return F.cross_entropy(logits, target - 1, reduction=reduction)
+        negatives = torch.randint(1, self.num_items + 1, target.shape, device=target.device)
+        weight = self.model.item_embedding.weight
+        pos = (hidden * weight[target]).sum(-1)
+        neg = (hidden * weight[negatives]).sum(-1)
+        per_pair = F.binary_cross_entropy_with_logits(
+            torch.stack([pos, neg], 1),
+            torch.stack([torch.ones_like(pos), torch.zeros_like(neg)], 1),
+            reduction="none",
+        ).mean(1)
+        return per_pair.sum() if reduction == "sum" else per_pair.mean()
 
     def score_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = self.model(batch["history"])[:, -1]
@@ -210,3 +227,44 @@ class SASRecModule(NextItemRecommender):
         return torch.optim.AdamW(
             self.parameters(), lr=self.hparams.lr, betas=(0.9, 0.98), weight_decay=self.hparams.weight_decay
         )
+
+
+class PipelinedSASRecModule(PipelinedLightningModule, SASRecModule):
+    """SASRec with a row-sharded input item table, split at the embedding boundary so every
+    ``strategy.pipeline`` schedule trains it. The loss is the per-token sum divided by the local
+    batch's number of target tokens — the same mean the unpipelined module takes.
+
+    Dropout draws from the RNG per micro-batch, so ``fwp``/``nested`` match ``sync`` in
+    distribution, not bit for bit, unless dropout is 0 (the brief's RNG-parity condition).
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+
+    def sharded_tables(self):
+        return self.model.input_embedding.tables
+
+    def sparse_features(self, batch: dict[str, torch.Tensor]):
+        from nestrec.sparse import JaggedFeatures
+
+        items = batch["input"]
+        lengths = torch.full((items.shape[0],), items.shape[1], dtype=torch.long, device=items.device)
+        return JaggedFeatures.from_dict({"history": (items.reshape(-1), lengths)})
+
+    def select_samples(self, batch: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: v[index.to(v.device)] for k, v in batch.items()}
+
+    def loss_normalizer(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["target"] > 0).sum())
+
+    def loss_sum(self, batch: dict[str, torch.Tensor], pooled: dict[str, torch.Tensor]) -> torch.Tensor:
+        items = batch["input"]
+        rows = pooled["history"].view(items.shape[0], items.shape[1], -1)
+        return self.token_loss(batch, self.model(items, rows=rows), "sum")
+
+
+def sasrec_module(**kwargs) -> SASRecModule:
+    """The Hydra target: the pipelined module when the item table is sharded, the plain one otherwise."""
+    if kwargs.get("embedding", "dense") == "sharded":
+        return PipelinedSASRecModule(**kwargs)
+    return SASRecModule(**kwargs)

@@ -107,7 +107,9 @@ class PipelinedModel(Protocol):
     """What a model provides so its step can be pipelined: the embedding boundary made explicit.
 
     ``loss_sum`` must be a *sum* of per-sample losses with no coupling between samples (no
-    batch norm, no in-batch negatives), so micro-batches add up to the batch (brief §6).
+    batch norm, no in-batch negatives), so micro-batches add up to the batch (brief §6). The
+    engine divides it by the local batch size, or by ``loss_normalizer(batch)`` when the model
+    defines one (e.g. the number of target tokens of a sequence model).
     """
 
     def sparse_features(self, batch: Any) -> JaggedFeatures: ...
@@ -115,6 +117,12 @@ class PipelinedModel(Protocol):
     def select_samples(self, batch: Any, index: torch.Tensor) -> Any: ...
 
     def loss_sum(self, batch: Any, pooled: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+
+def _normalizer(model: PipelinedModel, batch: Any, size: int) -> int:
+    """The local batch loss is ``loss_sum / normalizer``: samples unless the model counts tokens."""
+    count = getattr(model, "loss_normalizer", None)
+    return max(1, int(count(batch))) if count is not None else max(1, size)
 
 
 @dataclass
@@ -137,6 +145,7 @@ class _Prepared:
     micro: list[Any]
     micro_sizes: list[int]
     routes: dict[str, TableRoute] | None
+    normalizer: int = 1
 
 
 class _Ready:
@@ -266,7 +275,7 @@ class NestPipeEngine:
         features = self.model.sparse_features(batch)
         size = features.batch_size
         if self.config.mode == "sync":
-            return _Prepared(step, batch, size, [batch], [size], None)
+            return _Prepared(step, batch, size, [batch], [size], None, _normalizer(self.model, batch, size))
         parts = self.config.num_micro_batches
         method = self.config.clustering if parts > 1 else "none"
         keys = sample_keys(features, self._feature_table) if method != "none" else [[]] * size
@@ -276,7 +285,8 @@ class NestPipeEngine:
         routes = route_keys(
             self.collection, [features.select_samples(i) for i in index], self.collection.key_group
         )
-        return _Prepared(step, batch, size, micro, [len(i) for i in index], routes)
+        sizes = [len(i) for i in index]
+        return _Prepared(step, batch, size, micro, sizes, routes, _normalizer(self.model, batch, size))
 
     # -- schedules ----------------------------------------------------------------------------------
     def _run_inline(self, batch: Any) -> StepResult:
@@ -386,7 +396,7 @@ class NestPipeEngine:
                 leaves = {name: r.to(self.device).detach().requires_grad_(True) for name, r in rows.items()}
                 if prepared.micro_sizes[i]:  # an empty micro-batch still joins the collectives
                     pooled = pool_micro_batch(self.collection, routes, i, leaves)
-                    loss = self.model.loss_sum(batch, pooled) / prepared.size
+                    loss = self.model.loss_sum(batch, pooled) / prepared.normalizer
                     loss.backward()
                     total += float(loss.detach())
                 grads = {
@@ -415,7 +425,7 @@ class NestPipeEngine:
         with self.timeline.span("embedding_sync", "main", step):
             pooled = self.collection(features)
         with self.timeline.span("compute", "main", step):
-            loss = self.model.loss_sum(batch, pooled) / features.batch_size
+            loss = self.model.loss_sum(batch, pooled) / _normalizer(self.model, batch, features.batch_size)
             loss.backward()
         with self.timeline.span("embedding_sync", "main", step):
             self.collection.apply_sparse_updates()

@@ -45,8 +45,8 @@ class PipelinedLightningModule(pl.LightningModule):
     #: dense-gradient clipping (norm), applied after the all-reduce; None disables it
     gradient_clip_val: float | None = None
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # cooperative: may sit before another LightningModule in the MRO
         self.automatic_optimization = False
         self._engine: NestPipeEngine | None = None
         self._batches: _Batches | None = None
@@ -63,6 +63,10 @@ class PipelinedLightningModule(pl.LightningModule):
 
     def loss_sum(self, batch: Any, pooled: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
+
+    def loss_normalizer(self, batch: Any) -> int:
+        """What the batch loss is the mean over: samples by default, tokens for sequence models."""
+        return self.sparse_features(batch).batch_size
 
     # -- engine -------------------------------------------------------------------------------------
     @property

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from hydra import compose, initialize_config_module
-from hydra.utils import get_class
+from hydra.utils import get_object
 from omegaconf import OmegaConf
 
 from conftest import run_nestrec
@@ -33,7 +33,7 @@ def test_every_recipe_composes_and_targets_import(recipe, debug):
     cfg = _compose(f"recipe={recipe}", *([f"debug={debug}"] if debug else []))
     OmegaConf.resolve(cfg)
     for group in ("data", "model", "trainer"):
-        assert get_class(cfg[group]["_target_"])
+        assert callable(get_object(cfg[group]["_target_"]))
     if debug == "smoke":
         assert cfg.trainer.max_epochs <= 2 and cfg.data.max_users is not None
 

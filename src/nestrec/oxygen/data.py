@@ -1,0 +1,220 @@
+"""``OxygenDataModule``: the sequence data module plus what the generative recommender needs.
+
+On top of :class:`~nestrec.data.datamodule.SequenceDataModule` (same leak-free split, same
+evaluation rows and scenarios as the SASRec baseline, so numbers compare), ``setup`` adds:
+
+1. **Item content vectors**: "title (year) | genres" through the offline text encoder, cached.
+2. **Semantic IDs**: RQ-KMeans over those vectors → :class:`SIDRegistry` (+ diagnostics), cached
+   by content hash and settings and saved with every run.
+3. **Training samples with scenarios**: for every user, the last ``samples_per_user`` positions
+   of their *training* sequence become (history, next item) pairs; each pair gets one scenario
+   from ``train_scenarios`` (a stable hash picks it; rows a scenario cannot form fall back to
+   ``homepage``), with its trigger / query derived exactly as for evaluation rows.
+4. **Instruction text vectors**: a search row's query string is encoded with the same text
+   encoder and fed as the reasoning-instruction text ``I_r``, as the paper trains on search
+   queries; rows without text get the learnable default.
+5. **Profile**: categorical user fields (ML-1M: gender, age, occupation) as indices.
+
+Batches carry ``history [B, long_len + recent_len]``, ``target``, ``scenario``, ``trigger_item``,
+``trigger_genre``, ``reasoning [B, text_dim]``, ``profile [B, fields]`` (+ ``index`` for eval).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from nestrec.data.datamodule import SequenceDataModule, TensorDictDataset, left_pad
+from nestrec.data.fetch import data_root
+from nestrec.data.scenarios import SCENARIO_KINDS, derive_scenarios
+from nestrec.errors import ConfigError
+from nestrec.oxygen.sid import SIDRegistry, popularity_counts
+from nestrec.oxygen.text import encode_cached, text_dim
+
+__all__ = ["OxygenDataModule"]
+
+PROFILE_FIELDS = ("gender", "age", "occupation")
+
+
+class OxygenDataModule(SequenceDataModule):
+    def __init__(
+        self,
+        *args,
+        recent_len: int = 20,
+        long_len: int = 100,
+        samples_per_user: int = 16,
+        train_scenarios: list[str] | tuple[str, ...] = SCENARIO_KINDS,
+        text_encoder: str = "minilm",
+        sid_levels: int = 3,
+        sid_codebook: int = 32,
+        sid_collisions: str = "disambiguate",
+        sid_seed: int = 0,
+        **kwargs,
+    ):
+        kwargs["max_len"] = recent_len + long_len
+        super().__init__(*args, **kwargs)
+        unknown = [s for s in train_scenarios if s not in SCENARIO_KINDS]
+        if unknown:
+            raise ConfigError(f"unknown training scenario(s) {unknown}; known: {', '.join(SCENARIO_KINDS)}")
+        text_dim(text_encoder)  # validates the name before any work
+        self.save_hyperparameters()
+        self.registry: SIDRegistry | None = None
+        self.sid_diagnostics: dict = {}
+        self.profile_sizes: list[int] = []
+        self._text_table = torch.zeros(1, text_dim(text_encoder))
+
+    # ---------------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.registry is not None:
+            return
+        super().setup(stage)
+        hp = self.hparams
+        cache = (
+            Path(self.source.cache_dir).expanduser() if self.source.cache_dir else data_root() / "processed"
+        ) / "oxygen"
+        items = self.data.items.sort_values("item")
+        texts = [
+            f"{t} | {g.replace('|', ', ')}" if g else str(t)
+            for t, g in zip(items["title"].astype(str), items["genres"].astype(str))
+        ]
+        vectors = encode_cached(texts, hp.text_encoder, cache, progress=False)
+        popularity = popularity_counts(self.split.train_sequences, self.data.num_items)
+        self.registry, self.sid_diagnostics = self._registry(vectors, popularity, cache)
+        self._profile = self._profile_matrix()
+        queries: dict[str, int] = {"": 0}
+        self._tensors["train"] = self._oxygen_train_tensors(queries)
+        for name in ("valid", "test"):
+            rows = self.eval_scenarios[name]
+            self._tensors[name]["query_index"] = torch.tensor(
+                [queries.setdefault(q, len(queries)) for q in rows.query]
+            )
+            self._tensors[name]["profile"] = self._profile[self._tensors[name]["user"]]
+        table = (
+            encode_cached(list(queries)[1:], hp.text_encoder, cache)
+            if len(queries) > 1
+            else torch.zeros(0, 1)
+        )
+        self._text_table = torch.cat(
+            [torch.zeros(1, text_dim(hp.text_encoder)), table.reshape(-1, text_dim(hp.text_encoder))]
+        )
+
+    def _registry(
+        self, vectors: torch.Tensor, popularity: torch.Tensor, cache: Path
+    ) -> tuple[SIDRegistry, dict]:
+        hp = self.hparams
+        key = hashlib.sha256(vectors.numpy().tobytes())
+        key.update(json.dumps([hp.sid_levels, hp.sid_codebook, hp.sid_collisions, hp.sid_seed]).encode())
+        key.update(popularity.numpy().tobytes())
+        path = cache / f"sid-{key.hexdigest()[:20]}.json"
+        if path.exists():
+            registry = SIDRegistry.load(path)
+            diagnostics = json.loads(path.with_suffix(".diag.json").read_text())
+            return registry, diagnostics
+        registry, diagnostics = SIDRegistry.build(
+            vectors, hp.sid_levels, hp.sid_codebook, hp.sid_collisions, popularity, seed=hp.sid_seed
+        )
+        registry.save(path)
+        path.with_suffix(".diag.json").write_text(json.dumps(diagnostics))
+        return registry, diagnostics
+
+    def _profile_matrix(self) -> torch.Tensor:
+        users = self.data.users.sort_values("user")
+        fields = [f for f in PROFILE_FIELDS if f in users.columns]
+        columns, self.profile_sizes = [], []
+        for field in fields:
+            values = users[field].astype(str).fillna("")
+            vocab = {v: i + 1 for i, v in enumerate(sorted(set(values) - {"", "nan", "<NA>"}))}
+            columns.append(np.array([vocab.get(v, 0) for v in values], dtype=np.int64))
+            self.profile_sizes.append(len(vocab))
+        matrix = np.stack(columns, 1) if columns else np.zeros((len(users), 0), dtype=np.int64)
+        full = np.zeros((self.data.num_users, matrix.shape[1]), dtype=np.int64)
+        full[users["user"].to_numpy()] = matrix
+        return torch.from_numpy(full)
+
+    def _oxygen_train_tensors(self, queries: dict[str, int]) -> dict[str, torch.Tensor]:
+        hp = self.hparams
+        users, histories, targets = [], [], []
+        for user, seq in zip(self.split.train_users, self.split.train_sequences):
+            for t in range(max(1, len(seq) - hp.samples_per_user), len(seq)):
+                users.append(int(user))
+                histories.append(seq[:t])
+                targets.append(int(seq[t]))
+        users_a, targets_a = np.asarray(users, np.int64), np.asarray(targets, np.int64)
+        rows = derive_scenarios(self.data, users_a, histories, targets_a, tuple(hp.train_scenarios))
+        # One scenario per training pair: a stable hash picks among the kinds the pair can form.
+        wanted = np.array([zlib.crc32(f"{u}:{i}".encode()) for i, u in enumerate(users_a)], np.int64)
+        chosen = {}
+        kinds_of: dict[int, list[int]] = {}
+        for row, source in enumerate(rows.source.tolist()):
+            kinds_of.setdefault(source, []).append(row)
+        for source, candidates in kinds_of.items():
+            chosen[source] = candidates[wanted[source] % len(candidates)]
+        pick = np.array([chosen[s] for s in sorted(chosen)], np.int64)
+        source = rows.source[pick]
+        return {
+            "history": torch.from_numpy(left_pad([histories[i] for i in source], hp.max_len)),
+            "target": torch.from_numpy(targets_a[source]),
+            "user": torch.from_numpy(users_a[source]),
+            "scenario": torch.from_numpy(rows.kind[pick]),
+            "trigger_item": torch.from_numpy(rows.trigger_item[pick]),
+            "trigger_genre": torch.from_numpy(rows.trigger_genre[pick]),
+            "query_index": torch.tensor(
+                [queries.setdefault(rows.query[i], len(queries)) for i in pick.tolist()]
+            ),
+            "profile": self._profile[torch.from_numpy(users_a[source])],
+        }
+
+    # ---------------------------------------------------------------------------------------------
+    def _collate(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        batch["reasoning"] = self._text_table[batch["query_index"]]
+        return batch
+
+    def _loader(self, name: str, shuffle: bool, batch_size: int) -> DataLoader:
+        self._require_setup()
+        return DataLoader(
+            TensorDictDataset(self._tensors[name]),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+            collate_fn=self._collate,
+        )
+
+    def model_kwargs(self) -> dict:
+        kwargs = super().model_kwargs()
+        kwargs.pop("max_len")
+        return {
+            **kwargs,
+            "registry_state": self.registry.state(),
+            "text_dim": text_dim(self.hparams.text_encoder),
+            "num_genres": len(self.data.genre_vocab),
+            "profile_sizes": list(self.profile_sizes),
+            "recent_len": self.hparams.recent_len,
+            "long_len": self.hparams.long_len,
+        }
+
+    def describe(self) -> dict:
+        self._require_setup()
+        out = {
+            "dataset": self.data.name,
+            "users": self.data.num_users,
+            "items": self.data.num_items,
+            "interactions": len(self.data.interactions),
+            "split": self.split.info,
+            "train_samples": len(self._tensors["train"]["target"]),
+            "valid_rows": len(self._tensors["valid"]["target"]),
+            "test_rows": len(self._tensors["test"]["target"]),
+        }
+        out["sid"] = {k: v for k, v in self.sid_diagnostics.items() if k != "reconstruction_mse"}
+        out["sid"]["reconstruction_mse"] = [
+            round(v, 5) for v in self.sid_diagnostics.get("reconstruction_mse", [])
+        ]
+        out["train_scenarios"] = list(self.hparams.train_scenarios)
+        return out

@@ -1,0 +1,233 @@
+"""The OxygenREC fast-path network: encoder over the user, decoder over ``[BOS, INSTR, s1, s2, ...]``.
+
+Encoder input (design brief §3, §12): ``[profile token; recent items; IGR-selected long-term
+items]``; each item is its ID embedding plus the sum of its SID level embeddings. Instructions are
+*not* fed to the encoder: they steer IGR (which long-term items are kept) and the decoder prefix.
+
+Instruction token: ``I_s = MLP([scenario ; trigger])`` (trigger = an item's representation, a
+genre embedding for a channel, or the learnable default ``z_def``) and ``I_r = adapter(text
+vector)`` (a query or cached reasoning-instruction vector, else the learnable default), fused by
+``INSTR = MLP([I_s ; I_r])``. ``instruction`` picks the ablation (``none`` / ``scenario`` /
+``scenario_reasoning``) and ``instruction_position`` where the token goes (``right_of_bos``, the
+paper's choice; ``replace_bos``; ``add_to_bos``).
+
+IGR: ``q = normalize(ψ_q([I_s ; I_r]))``, long-term items scored by ``α·cos(q, ψ_i(item)) +
+(1−α)·recency``, top-K kept; history vectors are detached by default (Q2I, not NTP, trains the
+retrieval space, since top-K is not differentiable). ``igr=recent|random|none`` are the baselines.
+
+Per-level heads predict ``s_l`` from the decoder state one position earlier.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nestrec.errors import ConfigError
+
+__all__ = ["OxygenModel", "INSTRUCTION_MODES", "INSTRUCTION_POSITIONS", "IGR_MODES"]
+
+INSTRUCTION_MODES = ("none", "scenario", "scenario_reasoning")
+INSTRUCTION_POSITIONS = ("right_of_bos", "replace_bos", "add_to_bos")
+IGR_MODES = ("semantic", "recent", "random", "none")
+
+
+def _mlp(inp: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inp, out), nn.GELU(), nn.Linear(out, out))
+
+
+class OxygenModel(nn.Module):
+    def __init__(
+        self,
+        sid_codes: torch.Tensor,
+        vocab_sizes: list[int],
+        text_dim: int,
+        num_scenarios: int,
+        num_genres: int,
+        profile_sizes: list[int],
+        d_model: int = 64,
+        heads: int = 2,
+        encoder_layers: int = 2,
+        decoder_layers: int = 2,
+        ffn: int = 128,
+        dropout: float = 0.1,
+        recent_len: int = 20,
+        long_len: int = 100,
+        igr: str = "semantic",
+        igr_k: int = 10,
+        igr_alpha: float = 1.0,
+        igr_stop_grad: bool = True,
+        instruction: str = "scenario_reasoning",
+        instruction_position: str = "right_of_bos",
+        q2i_dim: int = 64,
+        item_id_embedding: nn.Module | None = None,
+    ):
+        super().__init__()
+        for name, value, allowed in (
+            ("instruction", instruction, INSTRUCTION_MODES),
+            ("instruction_position", instruction_position, INSTRUCTION_POSITIONS),
+            ("igr", igr, IGR_MODES),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"unknown {name} {value!r}; expected one of {', '.join(allowed)}")
+        self.register_buffer("sid_codes", sid_codes.clamp(min=0), persistent=True)
+        self.num_items = len(sid_codes) - 1
+        self.vocab_sizes = list(vocab_sizes)
+        self.recent_len, self.long_len = recent_len, long_len
+        self.igr, self.igr_k, self.igr_alpha, self.igr_stop_grad = (
+            igr,
+            (0 if igr == "none" else igr_k),
+            igr_alpha,
+            igr_stop_grad,
+        )
+        self.instruction, self.instruction_position = instruction, instruction_position
+
+        d = d_model
+        self.item_id = (
+            item_id_embedding
+            if item_id_embedding is not None
+            else nn.Embedding(self.num_items + 1, d, padding_idx=0)
+        )
+        self.item_levels = nn.ModuleList(nn.Embedding(v, d) for v in self.vocab_sizes)
+        self.profile = nn.ModuleList(nn.Embedding(size + 1, d) for size in profile_sizes)
+        self.profile_default = nn.Parameter(torch.zeros(d))
+        self.enc_pos = nn.Embedding(1 + recent_len + max(self.igr_k, 0), d)
+        self.segment = nn.Embedding(3, d)  # profile / recent / retrieved
+        layer = nn.TransformerEncoderLayer(d, heads, ffn, dropout, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, encoder_layers, enable_nested_tensor=False)
+        self.enc_norm = nn.LayerNorm(d)
+
+        self.scenario = nn.Embedding(num_scenarios, d)
+        self.genre = nn.Embedding(num_genres + 1, d)
+        self.z_def = nn.Parameter(torch.randn(d) * 0.02)  # default trigger
+        self.r_def = nn.Parameter(torch.randn(d) * 0.02)  # default reasoning instruction
+        self.reasoning_adapter = nn.Linear(text_dim, d)
+        self.fuse_scenario = _mlp(2 * d, d)
+        self.fuse_instruction = _mlp(2 * d, d)
+        self.psi_q = nn.Linear(2 * d, q2i_dim)
+        self.psi_i = nn.Linear(d, q2i_dim)
+
+        self.bos = nn.Parameter(torch.randn(d) * 0.02)
+        self.tokens = nn.ModuleList(nn.Embedding(v, d) for v in self.vocab_sizes)
+        self.dec_pos = nn.Embedding(2 + len(self.vocab_sizes), d)
+        dec_layer = nn.TransformerDecoderLayer(d, heads, ffn, dropout, batch_first=True, norm_first=True)
+        self.decoder = nn.TransformerDecoder(dec_layer, decoder_layers)
+        self.dec_norm = nn.LayerNorm(d)
+        self.heads = nn.ModuleList(nn.Linear(d, v) for v in self.vocab_sizes)
+
+    # -- pieces ---------------------------------------------------------------------------------------
+    def item_repr(self, items: torch.Tensor) -> torch.Tensor:
+        """ID embedding + Σ SID level embeddings; zero for padding (item 0)."""
+        codes = self.sid_codes[items]
+        x = self.item_id(items)
+        for level, table in enumerate(self.item_levels):
+            x = x + table(codes[..., level])
+        return x * (items > 0).unsqueeze(-1)
+
+    def instructions(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(I_s, I_r), each ``[B, d]``."""
+        b = len(batch["scenario"])
+        trigger_item, trigger_genre = batch["trigger_item"], batch["trigger_genre"]
+        trigger = self.z_def.expand(b, -1).clone()
+        has_item, has_genre = trigger_item > 0, trigger_genre >= 0
+        trigger = torch.where(has_item.unsqueeze(-1), self.item_repr(trigger_item), trigger)
+        trigger = torch.where(has_genre.unsqueeze(-1), self.genre(trigger_genre.clamp(min=0)), trigger)
+        i_s = self.fuse_scenario(torch.cat([self.scenario(batch["scenario"]), trigger], -1))
+        i_r = self.r_def.expand(b, -1)
+        if self.instruction == "scenario_reasoning" and "reasoning" in batch:
+            has_text = batch["reasoning"].abs().sum(-1) > 0
+            i_r = torch.where(has_text.unsqueeze(-1), self.reasoning_adapter(batch["reasoning"]), i_r)
+        return i_s, i_r
+
+    def query(self, i_s: torch.Tensor, i_r: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.psi_q(torch.cat([i_s, i_r], -1)), dim=-1)
+
+    def item_vector(self, items: torch.Tensor) -> torch.Tensor:
+        """The shared item tower ψ_i (targets and history live in the same space as queries)."""
+        return F.normalize(self.psi_i(self.item_repr(items)), dim=-1)
+
+    def retrieve(self, long_items: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """IGR: the ``igr_k`` long-term items to keep, ``[B, K]`` (0 = nothing)."""
+        if self.igr_k == 0 or long_items.shape[1] == 0:
+            return long_items[:, :0]
+        present = long_items > 0
+        recency = torch.linspace(0, 1, long_items.shape[1], device=long_items.device).expand_as(long_items)
+        if self.igr == "semantic":
+            h = self.item_vector(long_items)
+            if self.igr_stop_grad:
+                h = h.detach()
+            semantic = (h @ q.unsqueeze(-1)).squeeze(-1)
+            score = self.igr_alpha * semantic + (1 - self.igr_alpha) * recency
+        elif self.igr == "recent":
+            score = recency
+        else:  # random, reproducible per (row, position)
+            g = torch.Generator(device="cpu").manual_seed(int(long_items.sum()) % (2**31))
+            score = torch.rand(long_items.shape, generator=g).to(long_items.device)
+        score = score.masked_fill(~present, float("-inf"))
+        k = min(self.igr_k, long_items.shape[1])
+        top, index = score.topk(k, dim=1)
+        return long_items.gather(1, index).masked_fill(torch.isinf(top), 0)
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        history = batch["history"]
+        long_items, recent = history[:, : -self.recent_len], history[:, -self.recent_len :]
+        long_items = long_items[:, -self.long_len :] if self.long_len else long_items[:, :0]
+        i_s, i_r = self.instructions(batch)
+        q = self.query(i_s, i_r)
+        retrieved = self.retrieve(long_items, q)
+        b = len(history)
+        if self.profile and "profile" in batch:
+            profile = sum(table(batch["profile"][:, i]) for i, table in enumerate(self.profile))
+        else:
+            profile = self.profile_default.expand(b, -1)
+        items = torch.cat([recent, retrieved], 1)
+        x = torch.cat([profile.unsqueeze(1), self.item_repr(items)], 1)
+        segments = torch.cat(
+            [
+                torch.zeros(b, 1, dtype=torch.long, device=x.device),
+                torch.ones_like(recent),
+                torch.full_like(retrieved, 2),
+            ],
+            1,
+        )
+        x = x + self.segment(segments) + self.enc_pos(torch.arange(x.shape[1], device=x.device))
+        pad = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=x.device), items == 0], 1)
+        memory = self.enc_norm(self.encoder(x, src_key_padding_mask=pad))
+        instr = self.fuse_instruction(torch.cat([i_s, i_r], -1))
+        return {"memory": memory, "pad": pad, "instr": instr, "q": q, "retrieved": retrieved}
+
+    # -- decoder --------------------------------------------------------------------------------------
+    def _prefix(self, instr: torch.Tensor) -> torch.Tensor:
+        b = len(instr)
+        bos = self.bos.expand(b, -1)
+        if self.instruction == "none":
+            return bos.unsqueeze(1)
+        if self.instruction_position == "replace_bos":
+            return instr.unsqueeze(1)
+        if self.instruction_position == "add_to_bos":
+            return (bos + instr).unsqueeze(1)
+        return torch.stack([bos, instr], 1)
+
+    def decode(self, encoded: dict[str, torch.Tensor], sid_prefix: torch.Tensor) -> torch.Tensor:
+        """Decoder states ``[N, P + l, d]`` for SID prefix tokens ``[N, l]``."""
+        prefix = self._prefix(encoded["instr"])
+        parts = [prefix] + [self.tokens[i](sid_prefix[:, i]).unsqueeze(1) for i in range(sid_prefix.shape[1])]
+        x = torch.cat(parts, 1)
+        x = x + self.dec_pos(torch.arange(x.shape[1], device=x.device))
+        causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1], device=x.device, dtype=torch.bool)
+        out = self.decoder(
+            x, encoded["memory"], tgt_mask=causal, memory_key_padding_mask=encoded["pad"], tgt_is_causal=True
+        )
+        return self.dec_norm(out)
+
+    def sid_logits(self, encoded: dict[str, torch.Tensor], target_sid: torch.Tensor) -> list[torch.Tensor]:
+        """Teacher-forced logits of every level: ``[B, vocab_l]`` each."""
+        states = self.decode(encoded, target_sid[:, :-1])
+        offset = states.shape[1] - target_sid.shape[1]
+        return [head(states[:, offset + level]) for level, head in enumerate(self.heads)]
+
+    def next_logits(self, encoded: dict[str, torch.Tensor], sid_prefix: torch.Tensor) -> torch.Tensor:
+        """Logits of level ``sid_prefix.shape[1]`` (beam search step)."""
+        states = self.decode(encoded, sid_prefix)
+        return self.heads[sid_prefix.shape[1]](states[:, -1])

@@ -1,0 +1,181 @@
+"""``OxygenPretrainModule``: unified multi-scenario pre-training of the generative recommender.
+
+Loss (design brief §12): teacher-forced cross-entropy over the SID levels (mean over levels and
+samples) plus ``λ · L_Q2I(q, ψ_i(target))``. Validation and test run trie-constrained beam
+search (beam width per scenario from config; a channel's genre restricts the trie to its items,
+as a business rule would) and rank the target by its position in the decoded list — a target the
+beams never reach counts as a miss at every K. Metrics come from the shared harness
+(:class:`~nestrec.evaluation.NextItemRecommender`), so they sit next to SASRec's on the same rows.
+
+The SID registry travels with the model: its codes are a buffer, its version a hyper-parameter,
+and loading a checkpoint whose registry differs from the data's refuses with a clear error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from nestrec.data.scenarios import SCENARIO_KINDS
+from nestrec.errors import ConfigError
+from nestrec.evaluation import NextItemRecommender
+from nestrec.oxygen.decoding import constrained_beam_search, items_from_beams
+from nestrec.oxygen.losses import q2i_loss
+from nestrec.oxygen.model import OxygenModel
+from nestrec.oxygen.sid import SIDRegistry
+
+__all__ = ["OxygenPretrainModule"]
+
+
+class OxygenPretrainModule(NextItemRecommender):
+    def __init__(
+        self,
+        num_items: int,
+        registry_state: dict,
+        text_dim: int,
+        num_genres: int,
+        profile_sizes: list[int],
+        recent_len: int = 20,
+        long_len: int = 100,
+        genre_item_mask: torch.Tensor | None = None,
+        d_model: int = 64,
+        heads: int = 2,
+        encoder_layers: int = 2,
+        decoder_layers: int = 2,
+        ffn: int = 128,
+        dropout: float = 0.1,
+        igr: str = "semantic",
+        igr_k: int = 10,
+        igr_alpha: float = 1.0,
+        igr_stop_grad: bool = True,
+        instruction: str = "scenario_reasoning",
+        instruction_position: str = "right_of_bos",
+        q2i: bool = True,
+        q2i_form: str = "paper",
+        q2i_weight: float = 0.2,
+        q2i_variance: float = 0.01,
+        q2i_decorrelation: float = 0.01,
+        lr: float = 2e-3,
+        weight_decay: float = 0.0,
+        beam: dict[str, int] | None = None,
+        ks: tuple[int, ...] = (1, 5, 10, 20),
+        exclude_history: bool = False,
+    ):
+        super().__init__(num_items, genre_item_mask, ks, exclude_history)
+        self.save_hyperparameters(ignore=["genre_item_mask", "registry_state"])
+        self.registry = SIDRegistry.from_state(registry_state)
+        if self.registry.num_items != num_items:
+            raise ConfigError(
+                f"SID registry has {self.registry.num_items} items but the data has {num_items}"
+            )
+        self.hparams["registry_version"] = self.registry.version
+        self.trie = self.registry.trie()
+        beam = dict(beam or {})
+        unknown = [s for s in beam if s not in SCENARIO_KINDS]
+        if unknown:
+            raise ConfigError(
+                f"beam widths for unknown scenario(s) {unknown}; known: {', '.join(SCENARIO_KINDS)}"
+            )
+        self.beam = {s: int(beam.get(s, max(ks))) for s in SCENARIO_KINDS}
+        if min(self.beam.values()) < 1:
+            raise ConfigError(f"beam widths must be >= 1, got {self.beam}")
+        self.model = OxygenModel(
+            self.registry.codes,
+            self.registry.vocab_sizes,
+            text_dim,
+            len(SCENARIO_KINDS),
+            num_genres,
+            profile_sizes,
+            d_model=d_model,
+            heads=heads,
+            encoder_layers=encoder_layers,
+            decoder_layers=decoder_layers,
+            ffn=ffn,
+            dropout=dropout,
+            recent_len=recent_len,
+            long_len=long_len,
+            igr=igr,
+            igr_k=igr_k,
+            igr_alpha=igr_alpha,
+            igr_stop_grad=igr_stop_grad,
+            instruction=instruction,
+            instruction_position=instruction_position,
+        )
+
+    # -- training ---------------------------------------------------------------------------------------
+    def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        encoded = self.model.encode(batch)
+        sid = self.model.sid_codes[batch["target"]]
+        logits = self.model.sid_logits(encoded, sid)
+        ntp = torch.stack([F.cross_entropy(lg, sid[:, level]) for level, lg in enumerate(logits)]).mean()
+        out = {"ntp": ntp, "loss": ntp}
+        if self.hparams.q2i and self.hparams.instruction != "none":
+            t = self.model.item_vector(batch["target"])
+            q2i, cosine = q2i_loss(
+                encoded["q"],
+                t,
+                self.hparams.q2i_form,
+                self.hparams.q2i_variance,
+                self.hparams.q2i_decorrelation,
+            )
+            out.update(q2i=q2i, q2i_cosine=cosine, loss=ntp + self.hparams.q2i_weight * q2i)
+        return out
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.losses(batch)
+        size = len(batch["target"])
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=size)
+        self.log_dict({f"train/{k}": v for k, v in out.items() if k != "loss"}, batch_size=size)
+        return out["loss"]
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(
+            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+
+    # -- generation -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def recommend(
+        self, batch: dict[str, torch.Tensor], beam: int, max_items: int, item_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top items ``[B, max_items]`` (0-padded) and scores by trie-constrained beam search."""
+        encoded = self.model.encode(batch)
+
+        def step(rows: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+            sub = {k: v[rows] for k, v in encoded.items()}
+            return self.model.next_logits(sub, prefix)
+
+        if self.trie.child.device != self.device:
+            self.trie.child = self.trie.child.to(self.device)
+        result = constrained_beam_search(step, len(batch["target"]), self.trie, beam, item_mask)
+        return items_from_beams(result, self.trie, max_items, item_mask)
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], metrics) -> None:
+        scenarios = batch["scenario"].tolist()
+        beam = max(self.beam[SCENARIO_KINDS[s]] for s in scenarios)
+        items, _ = self.recommend(batch, beam, max(max(self.hparams.ks), beam), self.candidate_mask(batch))
+        items = items.to(batch["target"].device)
+        # A scenario's own beam width caps how deep its list goes.
+        depth = torch.tensor([self.beam[SCENARIO_KINDS[s]] for s in scenarios], device=items.device)
+        positions = torch.arange(items.shape[1], device=items.device).expand_as(items)
+        hit = (items == batch["target"].unsqueeze(1)) & (positions < depth.unsqueeze(1))
+        miss_rank = torch.full_like(batch["target"], self.num_items)
+        ranks = torch.where(hit.any(1), hit.float().argmax(1), miss_rank)
+        metrics.update(ranks, batch["scenario"], batch["index"])
+
+    # -- registry travels with the checkpoint -----------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["sid_registry"] = self.registry.state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stored = checkpoint.get("sid_registry")
+        if stored is None:
+            raise ConfigError("checkpoint has no SID registry: it was not written by OxygenPretrainModule")
+        self.registry.check_version(stored["version"])
+
+    def on_fit_start(self) -> None:
+        if self.trainer.is_global_zero:
+            self.registry.save(Path(self.trainer.default_root_dir) / "sid_registry.json")

@@ -1,0 +1,324 @@
+"""Semantic IDs: RQ-KMeans codes for items, the versioned item ↔ SID registry, and its prefix trie.
+
+**RQ-KMeans** (OxygenREC §2, as in OneRec): k-means on the item vectors gives level-1 codes; the
+residuals (vector − its centroid) are clustered again for level 2, and so on. Each level lowers
+the reconstruction error; the SID is the tuple of codes, coarse → fine.
+
+**Collisions** (items with equal codes) are kept or disambiguated, by config:
+
+``keep``          a SID maps to a *set* of items; decoding a SID recommends all of them (ranked by
+                  popularity, most popular first, deterministic).
+``disambiguate``  TIGER-style extra level: the item's index inside its collision group, so every
+                  item has a unique SID of ``levels + 1`` tokens.
+
+**Registry version** = hash of the codes and settings: a model trained on one registry refuses
+to load with another (the tokens would mean different items).
+
+**Prefix trie**: node 0 is the root; ``child[node, token]`` is the next node or −1. Decoding only
+ever follows existing edges, so an illegal SID cannot be produced. ``node_items`` (sparse
+``[nodes, items]``) says which items sit under a node, so per-request candidate pools (a genre
+channel, business rules) become masks over the same trie.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nestrec.errors import ConfigError, UserInputError
+
+__all__ = ["PrefixTrie", "SIDRegistry", "kmeans", "rq_kmeans"]
+
+COLLISION_POLICIES = ("keep", "disambiguate")
+
+
+def kmeans(
+    x: torch.Tensor, k: int, iters: int = 25, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means with k-means++ seeding. Returns (centroids [k, d], assignment [n]).
+
+    Empty clusters are re-seeded with the point farthest from its centroid, so every code stays
+    usable (codebook utilisation is one of the diagnostics).
+    """
+    n = x.shape[0]
+    k = min(k, n)
+    first = torch.randint(0, n, (1,), generator=generator)
+    centroids = [x[first]]
+    dist = torch.cdist(x, centroids[0]).squeeze(1) ** 2
+    for _ in range(1, k):
+        probs = dist / dist.sum() if dist.sum() > 0 else torch.full_like(dist, 1.0 / n)
+        pick = torch.multinomial(probs, 1, generator=generator)
+        centroids.append(x[pick])
+        dist = torch.minimum(dist, torch.cdist(x, x[pick]).squeeze(1) ** 2)
+    c = torch.cat(centroids)
+    assign = torch.zeros(n, dtype=torch.long)
+    for _ in range(iters):
+        d = torch.cdist(x, c)
+        assign = d.argmin(1)
+        counts = torch.bincount(assign, minlength=k)
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        new = sums / counts.clamp(min=1).unsqueeze(1).to(x.dtype)
+        empty = counts == 0
+        if bool(empty.any()):
+            far = d.gather(1, assign.unsqueeze(1)).squeeze(1).argsort(descending=True)
+            new[empty] = x[far[: int(empty.sum())]]
+        if torch.allclose(new, c):
+            c = new
+            break
+        c = new
+    return c, torch.cdist(x, c).argmin(1)
+
+
+def rq_kmeans(
+    vectors: torch.Tensor, levels: int = 3, codebook_size: int = 32, iters: int = 25, seed: int = 0
+) -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
+    """Residual-quantise ``vectors`` → (codes [n, levels], codebooks, reconstruction MSE after each level)."""
+    if vectors.ndim != 2 or len(vectors) == 0:
+        raise UserInputError(
+            f"rq_kmeans needs a non-empty [items, dim] matrix, got shape {tuple(vectors.shape)}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    residual = vectors.double().clone()
+    codes, books, errors = [], [], []
+    for _ in range(levels):
+        centroids, assign = kmeans(residual, codebook_size, iters, generator)
+        codes.append(assign)
+        books.append(centroids.float())
+        residual = residual - centroids[assign]
+        errors.append(float((residual**2).sum(1).mean()))
+    return torch.stack(codes, 1), books, errors
+
+
+@dataclass
+class SIDRegistry:
+    """Item ↔ SID mapping (item ids are 1..N; 0 is padding and has no SID)."""
+
+    codes: torch.Tensor  # [N + 1, L] int64, row 0 unused (-1)
+    codebook_size: int
+    levels: int
+    policy: str = "keep"
+    popularity: torch.Tensor | None = None  # [N + 1] training counts, orders collision sets
+
+    def __post_init__(self) -> None:
+        if self.policy not in COLLISION_POLICIES:
+            raise ConfigError(
+                f"unknown collision policy {self.policy!r}; expected one of {', '.join(COLLISION_POLICIES)}"
+            )
+        if self.popularity is None:
+            self.popularity = torch.zeros(len(self.codes), dtype=torch.long)
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        item_vectors: torch.Tensor,
+        levels: int = 3,
+        codebook_size: int = 32,
+        policy: str = "keep",
+        popularity: torch.Tensor | None = None,
+        iters: int = 25,
+        seed: int = 0,
+    ) -> tuple[SIDRegistry, dict]:
+        """Tokenise ``item_vectors`` (row i = item i + 1). Returns the registry and its diagnostics."""
+        codes, _, errors = rq_kmeans(item_vectors, levels, codebook_size, iters, seed)
+        full = torch.full((len(codes) + 1, levels), -1, dtype=torch.long)
+        full[1:] = codes
+        pop = popularity if popularity is not None else torch.zeros(len(full), dtype=torch.long)
+        if policy == "disambiguate":
+            full = _add_disambiguation_level(full, pop)
+        registry = cls(full, codebook_size, levels, policy, pop)
+        diagnostics = registry.diagnostics()
+        diagnostics["reconstruction_mse"] = errors
+        return registry, diagnostics
+
+    # -- queries -------------------------------------------------------------------------------------
+    @property
+    def num_items(self) -> int:
+        return len(self.codes) - 1
+
+    @property
+    def sid_length(self) -> int:
+        return self.codes.shape[1]
+
+    @property
+    def vocab_sizes(self) -> list[int]:
+        """Tokens per level (the disambiguation level is as wide as the largest collision group)."""
+        sizes = [self.codebook_size] * self.levels
+        if self.sid_length > self.levels:
+            sizes.append(int(self.codes[1:, -1].max()) + 1)
+        return sizes
+
+    @property
+    def version(self) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps([self.codebook_size, self.levels, self.policy]).encode())
+        h.update(self.codes.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def sid(self, item: int) -> tuple[int, ...]:
+        if not 1 <= item <= self.num_items:
+            raise UserInputError(f"item {item} is not in the SID registry (items 1..{self.num_items})")
+        return tuple(int(c) for c in self.codes[item])
+
+    def items_of(self, sid: tuple[int, ...]) -> list[int]:
+        match = (self.codes[1:] == torch.tensor(sid)).all(1).nonzero().flatten() + 1
+        return sorted(match.tolist(), key=lambda i: (-int(self.popularity[i]), i))
+
+    def diagnostics(self) -> dict:
+        """Collision rate, largest collision group, per-level codebook utilisation."""
+        codes = self.codes[1:, : self.levels]
+        _, counts = torch.unique(codes, dim=0, return_counts=True)
+        return {
+            "items": self.num_items,
+            "distinct_sids": len(counts),
+            "collision_rate": float(1 - len(counts) / max(1, self.num_items)),
+            "max_collision_group": int(counts.max()) if len(counts) else 0,
+            "p99_collision_group": float(torch.quantile(counts.double(), 0.99)) if len(counts) else 0.0,
+            "utilisation": [
+                len(torch.unique(codes[:, level])) / self.codebook_size for level in range(self.levels)
+            ],
+            "version": self.version,
+            "policy": self.policy,
+        }
+
+    # -- persistence ---------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "codes": self.codes.tolist(),
+            "codebook_size": self.codebook_size,
+            "levels": self.levels,
+            "policy": self.policy,
+            "popularity": self.popularity.tolist(),
+            "version": self.version,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> SIDRegistry:
+        registry = cls(
+            torch.tensor(state["codes"], dtype=torch.long),
+            int(state["codebook_size"]),
+            int(state["levels"]),
+            state["policy"],
+            torch.tensor(state["popularity"], dtype=torch.long),
+        )
+        if registry.version != state["version"]:
+            raise UserInputError(
+                f"SID registry is corrupted: stored version {state['version']} != {registry.version}"
+            )
+        return registry
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state()))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SIDRegistry:
+        path = Path(path)
+        if not path.exists():
+            raise UserInputError(f"SID registry not found: {path}")
+        try:
+            return cls.from_state(json.loads(path.read_text()))
+        except (json.JSONDecodeError, KeyError) as err:
+            raise UserInputError(f"SID registry {path} is malformed: {err}") from None
+
+    def check_version(self, expected: str) -> None:
+        if expected != self.version:
+            raise UserInputError(
+                f"SID registry version mismatch: the model was trained with registry {expected}, "
+                f"this one is {self.version}; rebuild the model or load the registry it was trained with"
+            )
+
+    def trie(self) -> PrefixTrie:
+        return PrefixTrie.build(self.codes[1:], self.vocab_sizes, self.popularity[1:])
+
+
+def _add_disambiguation_level(codes: torch.Tensor, popularity: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(len(codes), codes.shape[1] + 1, dtype=torch.long)
+    out[:, :-1] = codes
+    out[0] = -1
+    groups: dict[tuple, list[int]] = {}
+    for item in range(1, len(codes)):
+        groups.setdefault(tuple(codes[item].tolist()), []).append(item)
+    for members in groups.values():
+        for rank, item in enumerate(sorted(members, key=lambda i: (-int(popularity[i]), i))):
+            out[item, -1] = rank
+    return out
+
+
+@dataclass
+class PrefixTrie:
+    """Legal SIDs as a node-transition table; leaves point to the items they decode to."""
+
+    child: torch.Tensor  # [nodes, max_vocab] int64, -1 = no edge
+    depth: int
+    leaf_items: list[list[int]]  # per node (empty unless a leaf): items, most popular first
+    node_items: torch.Tensor  # sparse [nodes, items + 1] float: 1 where the item is under the node
+
+    @classmethod
+    def build(cls, codes: torch.Tensor, vocab_sizes: list[int], popularity: torch.Tensor) -> PrefixTrie:
+        depth, width = codes.shape[1], max(vocab_sizes)
+        edges: dict[tuple[int, int], int] = {}
+        items_under: list[list[int]] = [[]]
+        leaf_of: list[int] = []
+        for row in codes.tolist():
+            node = 0
+            items_under[0].append(len(leaf_of) + 1)
+            for token in row:
+                if (node, token) not in edges:
+                    edges[(node, token)] = len(items_under)
+                    items_under.append([])
+                node = edges[(node, token)]
+                items_under[node].append(len(leaf_of) + 1)
+            leaf_of.append(node)
+        nodes = len(items_under)
+        child = torch.full((nodes, width), -1, dtype=torch.long)
+        for (parent, token), node in edges.items():
+            child[parent, token] = node
+        leaf_items: list[list[int]] = [[] for _ in range(nodes)]
+        for item, node in enumerate(leaf_of, start=1):
+            leaf_items[node].append(item)
+        pop = torch.cat([torch.zeros(1, dtype=popularity.dtype), popularity])
+        for members in leaf_items:
+            members.sort(key=lambda i: (-int(pop[i]), i))
+        rows = [n for n, members in enumerate(items_under) for _ in members]
+        cols = [i for members in items_under for i in members]
+        node_items = torch.sparse_coo_tensor(
+            torch.tensor([rows, cols]), torch.ones(len(rows)), (nodes, len(codes) + 1)
+        ).coalesce()
+        return cls(child, depth, leaf_items, node_items)
+
+    @property
+    def num_nodes(self) -> int:
+        return self.child.shape[0]
+
+    def allowed_nodes(self, item_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, nodes]`` bool: nodes with at least one allowed item under them (``item_mask [B, items+1]``)."""
+        return torch.sparse.mm(self.node_items, item_mask.float().t()).t() > 0
+
+    def all_sids(self) -> set[tuple[int, ...]]:
+        out, stack = set(), [(0, ())]
+        while stack:
+            node, prefix = stack.pop()
+            if len(prefix) == self.depth:
+                out.add(prefix)
+                continue
+            for token in (self.child[node] >= 0).nonzero().flatten().tolist():
+                stack.append((int(self.child[node, token]), (*prefix, token)))
+        return out
+
+
+def popularity_counts(sequences: list[np.ndarray], num_items: int) -> torch.Tensor:
+    counts = np.zeros(num_items + 1, dtype=np.int64)
+    for seq in sequences:
+        np.add.at(counts, seq, 1)
+    counts[0] = 0
+    return torch.from_numpy(counts)

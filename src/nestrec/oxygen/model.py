@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nestrec.errors import ConfigError
+from nestrec.errors import ConfigError, UserInputError
 
 __all__ = ["OxygenModel", "INSTRUCTION_MODES", "INSTRUCTION_POSITIONS", "IGR_MODES"]
 
@@ -169,7 +169,25 @@ class OxygenModel(nn.Module):
         top, index = score.topk(k, dim=1)
         return long_items.gather(1, index).masked_fill(torch.isinf(top), 0)
 
+    def check_batch(self, batch: dict[str, torch.Tensor]) -> None:
+        """Ids outside the catalogue or scenario table would index garbage: name them instead."""
+        for key in ("history", "trigger_item"):
+            values = batch[key]
+            if values.numel() and (int(values.min()) < 0 or int(values.max()) > self.num_items):
+                bad = values[(values < 0) | (values > self.num_items)][0]
+                raise UserInputError(
+                    f"{key} holds item id {int(bad)}, outside the catalogue 1..{self.num_items} (0 = padding)"
+                )
+        scenarios = batch["scenario"]
+        if scenarios.numel() and (
+            int(scenarios.min()) < 0 or int(scenarios.max()) >= self.scenario.num_embeddings
+        ):
+            raise UserInputError(
+                f"scenario index {int(scenarios.max())} is outside the model's {self.scenario.num_embeddings} scenarios"
+            )
+
     def encode(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.check_batch(batch)
         history = batch["history"]
         long_items, recent = history[:, : -self.recent_len], history[:, -self.recent_len :]
         long_items = long_items[:, -self.long_len :] if self.long_len else long_items[:, :0]

@@ -292,7 +292,7 @@ class PrefixTrie:
         rows = [n for n, members in enumerate(items_under) for _ in members]
         cols = [i for members in items_under for i in members]
         node_items = torch.sparse_coo_tensor(
-            torch.tensor([rows, cols]), torch.ones(len(rows)), (nodes, len(codes) + 1)
+            torch.tensor([rows, cols]), torch.ones(len(rows)), (nodes, len(codes) + 1), check_invariants=True
         ).coalesce()
         return cls(child, depth, leaf_items, node_items)
 

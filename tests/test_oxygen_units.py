@@ -1,0 +1,177 @@
+"""OxygenREC building blocks: tokenizer, registry, trie, beam search, Q2I, IGR, bad input."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from nestrec.errors import ConfigError, UserInputError
+from nestrec.oxygen.decoding import constrained_beam_search, items_from_beams
+from nestrec.oxygen.losses import q2i_loss
+from nestrec.oxygen.model import OxygenModel
+from nestrec.oxygen.sid import PrefixTrie, SIDRegistry, rq_kmeans
+
+
+def _vectors(n: int = 300, d: int = 16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(12, d, generator=g) * 3
+    return centers[torch.randint(0, 12, (n,), generator=g)] + torch.randn(n, d, generator=g)
+
+
+def test_rq_kmeans_error_decreases_per_level():
+    codes, books, errors = rq_kmeans(_vectors(), levels=3, codebook_size=8)
+    assert codes.shape == (300, 3) and len(books) == 3
+    assert errors[0] > errors[1] > errors[2]
+    assert int(codes.max()) < 8 and int(codes.min()) >= 0
+
+
+@pytest.mark.parametrize("policy", ["keep", "disambiguate"])
+def test_registry_round_trip_and_version_check(tmp_path, policy):
+    registry, diagnostics = SIDRegistry.build(_vectors(), levels=2, codebook_size=4, policy=policy)
+    assert 0 <= diagnostics["collision_rate"] < 1 and len(diagnostics["utilisation"]) == 2
+    assert diagnostics["reconstruction_mse"][0] > diagnostics["reconstruction_mse"][1]
+    loaded = SIDRegistry.load(registry.save(tmp_path / "r.json"))
+    assert loaded.version == registry.version and torch.equal(loaded.codes, registry.codes)
+    for item in (1, 150, 300):
+        assert item in loaded.items_of(loaded.sid(item))
+    if policy == "disambiguate":  # every item has its own SID
+        assert len({loaded.sid(i) for i in range(1, 301)}) == 300
+    other, _ = SIDRegistry.build(_vectors(seed=1), levels=2, codebook_size=4, policy=policy)
+    with pytest.raises(UserInputError, match="SID registry version mismatch"):
+        loaded.check_version(other.version)
+    with pytest.raises(UserInputError, match="item 301 is not in the SID registry"):
+        loaded.sid(301)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(UserInputError, match="malformed"):
+        SIDRegistry.load(tmp_path / "bad.json")
+    with pytest.raises(UserInputError, match="not found"):
+        SIDRegistry.load(tmp_path / "missing.json")
+
+
+def _tiny_trie() -> tuple[PrefixTrie, torch.Tensor]:
+    codes = torch.tensor([[0, 1], [0, 2], [1, 0], [2, 2], [2, 0]])  # items 1..5
+    return PrefixTrie.build(codes, [3, 3], torch.zeros(5, dtype=torch.long)), codes
+
+
+def test_trie_holds_exactly_the_registered_sids():
+    trie, codes = _tiny_trie()
+    assert trie.all_sids() == {tuple(c) for c in codes.tolist()}
+    mask = torch.zeros(1, 6, dtype=torch.bool)
+    mask[0, 3] = True  # only item 3 = SID (1, 0)
+    allowed = trie.allowed_nodes(mask)[0]
+    assert bool(allowed[0]) and bool(allowed[trie.child[0, 1]]) and not bool(allowed[trie.child[0, 0]])
+
+
+def test_beam_search_is_always_legal_on_random_logits():
+    registry, _ = SIDRegistry.build(_vectors(200), levels=3, codebook_size=6, policy="keep")
+    trie = registry.trie()
+    legal = trie.all_sids()
+    torch.manual_seed(0)
+
+    def step(rows, prefix):
+        return torch.randn(len(rows), registry.vocab_sizes[prefix.shape[1]]) * 5
+
+    result = constrained_beam_search(step, batch=16, trie=trie, beam=12)
+    for tokens, score in zip(result.tokens.view(-1, 3).tolist(), result.scores.view(-1).tolist()):
+        if score > float("-inf"):
+            assert tuple(tokens) in legal
+    items, _ = items_from_beams(result, trie, max_items=30)
+    assert ((items >= 0) & (items <= 200)).all() and (items[:, 0] > 0).all()
+
+
+def test_beam_search_equals_exhaustive_search_on_a_tiny_vocabulary():
+    trie, codes = _tiny_trie()
+    g = torch.Generator().manual_seed(3)
+    table = {(): torch.randn(2, 3, generator=g)}  # per request, per prefix
+    for a in range(3):
+        table[(a,)] = torch.randn(2, 3, generator=g)
+
+    def step(rows, prefix):
+        return torch.stack([table[tuple(p)][r] for r, p in zip(rows.tolist(), prefix.tolist())])
+
+    result = constrained_beam_search(step, batch=2, trie=trie, beam=5)  # beam >= number of SIDs
+    for request in range(2):
+        exhaustive = sorted(
+            (
+                float(
+                    torch.log_softmax(table[()][request], -1)[a]
+                    + torch.log_softmax(table[(a,)][request], -1)[b]
+                ),
+                (a, b),
+            )
+            for a, b in codes.tolist()
+        )[::-1]
+        got = [(float(s), tuple(t)) for s, t in zip(result.scores[request], result.tokens[request].tolist())]
+        assert [t for _, t in got] == [t for _, t in exhaustive]
+        assert all(abs(s1 - s2) < 1e-5 for (s1, _), (s2, _) in zip(got, exhaustive))
+
+
+def test_beam_search_respects_a_candidate_pool():
+    trie, _ = _tiny_trie()
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[0, [2, 4]] = True
+    mask[1, 5] = True
+
+    def step(rows, prefix):
+        return torch.zeros(len(rows), 3)
+
+    result = constrained_beam_search(step, batch=2, trie=trie, beam=5, item_mask=mask)
+    items, _ = items_from_beams(result, trie, max_items=5, item_mask=mask)
+    assert set(items[0].tolist()) - {0} == {2, 4} and set(items[1].tolist()) - {0} == {5}
+
+
+def test_q2i_alignment_variance_and_gradient():
+    q = torch.nn.functional.normalize(torch.randn(8, 6, dtype=torch.float64), dim=-1)
+    loss, cosine = q2i_loss(q, q.clone(), variance_weight=0.0, decorrelation_weight=0.0)
+    assert cosine.item() == pytest.approx(1.0) and loss.item() == pytest.approx(-1.0)
+    collapsed = torch.nn.functional.normalize(torch.ones(8, 6, dtype=torch.float64) + 1e-3 * q, dim=-1)
+    spread, _ = q2i_loss(q, q, variance_weight=1.0, decorrelation_weight=0.0)
+    tight, _ = q2i_loss(collapsed, collapsed, variance_weight=1.0, decorrelation_weight=0.0)
+    assert tight > spread  # the variance term punishes collapse
+    a = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(x, y):
+        return q2i_loss(torch.nn.functional.normalize(x, dim=-1), torch.nn.functional.normalize(y, dim=-1))[0]
+
+    assert torch.autograd.gradcheck(f, (a, b))
+    assert torch.autograd.gradcheck(
+        lambda x, y: q2i_loss(
+            torch.nn.functional.normalize(x, dim=-1), torch.nn.functional.normalize(y, dim=-1), "infonce"
+        )[0],
+        (a, b),
+    )
+    with pytest.raises(ConfigError, match="unknown Q2I form 'cosine'"):
+        q2i_loss(q, q, "cosine")
+
+
+def _model(**kwargs) -> OxygenModel:
+    codes = torch.tensor([[0, 0]] + [[i % 4, i // 4] for i in range(16)])
+    return OxygenModel(codes, [4, 4], text_dim=8, num_scenarios=4, num_genres=3, profile_sizes=[2],
+                       d_model=16, recent_len=3, long_len=8, igr_k=3, **kwargs)  # fmt: skip
+
+
+def test_igr_keeps_the_items_closest_to_the_query():
+    model = _model()
+    torch.manual_seed(0)
+    long_items = torch.tensor([[0, 5, 9, 2, 11, 7, 3, 14]])
+    vectors = model.item_vector(long_items)[0].detach()
+    planted = [4, 6, 1]  # positions of the items the query is built to be near
+    q = torch.nn.functional.normalize(vectors[planted].sum(0), dim=-1).unsqueeze(0)
+    kept = model.retrieve(long_items, q)[0].tolist()
+    expected = long_items[0, (vectors @ q[0]).masked_fill(long_items[0] == 0, -9).topk(3).indices].tolist()
+    assert kept == expected and set(kept) >= {11}
+    recent = _model(igr="recent").retrieve(long_items, q)[0].tolist()
+    assert recent == [14, 3, 7]  # the three newest
+    assert _model(igr="none").retrieve(long_items, q).shape == (1, 0)
+    short = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 4]])
+    assert sorted(model.retrieve(short, q)[0].tolist()) == [0, 0, 4]  # padding never retrieved
+
+
+def test_bad_configuration_is_named():
+    with pytest.raises(ConfigError, match="unknown instruction 'verbose'"):
+        _model(instruction="verbose")
+    with pytest.raises(ConfigError, match="unknown igr 'dense'"):
+        _model(igr="dense")

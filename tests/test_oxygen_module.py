@@ -92,3 +92,18 @@ def test_recipe_smoke_on_the_fixture(tmp_path):
     assert summary["data"]["sid"]["policy"] == "disambiguate"
     registry = SIDRegistry.load(Path(summary["output_dir"]) / "sid_registry.json")
     assert registry.version == summary["data"]["sid"]["version"]
+
+
+def test_sharded_item_table_under_nestpipe_on_two_processes(tmp_path):
+    """The item-ID table swaps to a row-sharded one by config; strategy=nestpipe trains it."""
+    result = run_nestrec(
+        ["recipe=oxygenrec_pretrain", "data=oxygen_fixture", "model.embedding=sharded", "strategy=nestpipe",
+         "trainer.devices=2", "+strategy.find_unused_parameters=true", "trainer.max_epochs=1",
+         "trainer.check_val_every_n_epoch=1", "logger=csv",
+         "trainer.enable_progress_bar=false"],
+        tmp_path, env_extra={"NESTREC_DATA_DIR": str(tmp_path / "data")},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    [path] = list((tmp_path / "outputs").rglob("summary.json"))
+    summary = json.loads(path.read_text())
+    assert summary["world_size"] == 2 and 0.0 <= summary["metrics"]["test/hr@10"] <= 1.0

@@ -27,6 +27,7 @@ from torch import nn
 from nestrec.errors import ConfigError
 from nestrec.evaluation import NextItemRecommender
 from nestrec.pipeline.lightning import PipelinedLightningModule
+from nestrec.sharding.item_embedding import ShardedItemEmbedding
 
 __all__ = ["PipelinedSASRecModule", "SASRec", "SASRecModule", "sasrec_module"]
 
@@ -61,36 +62,6 @@ class CausalSelfAttentionBlock(nn.Module):
         )
         x = x + self.resid_dropout(self.out(attended.transpose(1, 2).reshape(batch, length, dim)))
         return x + self.resid_dropout(self.ffn(self.ffn_norm(x)))
-
-
-class ShardedItemEmbedding(nn.Module):
-    """``[B, L]`` item ids → ``[B, L, dim]`` rows from a row-sharded table (one id per position)."""
-
-    def __init__(
-        self, num_items: int, dim: int, sparse_optimizer: str, sparse_lr: float, sharding: str, seed: int
-    ):
-        super().__init__()
-        from nestrec.embedding.config import EmbeddingTableConfig
-        from nestrec.sharding import ShardedEmbeddingCollection, build_row_optimizer
-
-        table = EmbeddingTableConfig(
-            "item", num_rows=num_items + 1, dim=dim, features=("history",), pooling="none"
-        )
-        self.tables = ShardedEmbeddingCollection(
-            [table],
-            optimizer=build_row_optimizer(sparse_optimizer, lr=sparse_lr),
-            sharding=sharding,
-            init_std=dim**-0.5,
-            seed=seed,
-        )
-
-    def forward(self, items: torch.Tensor) -> torch.Tensor:
-        from nestrec.sparse import JaggedFeatures
-
-        batch, length = items.shape
-        lengths = torch.full((batch,), length, dtype=torch.long, device=items.device)
-        rows = self.tables(JaggedFeatures.from_dict({"history": (items.reshape(-1), lengths)}))["history"]
-        return rows.view(batch, length, -1)
 
 
 class SASRec(nn.Module):

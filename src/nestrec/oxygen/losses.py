@@ -16,9 +16,14 @@ import torch.nn.functional as F
 
 from nestrec.errors import ConfigError
 
-__all__ = ["Q2I_FORMS", "q2i_loss"]
+__all__ = ["Q2I_FORMS", "batch_variance", "q2i_loss"]
 
 Q2I_FORMS = ("paper", "infonce")
+
+
+def batch_variance(x: torch.Tensor) -> torch.Tensor:
+    """Mean over dimensions of the per-dimension batch variance: ~1/D when spread, 0 when collapsed."""
+    return x.var(0, unbiased=False).mean()
 
 
 def q2i_loss(
@@ -39,8 +44,8 @@ def q2i_loss(
     b = len(q)
     loss = -cosine.mean()
     if b > 1:
-        var_q = q.var(0, unbiased=False).mean().clamp(min=1e-8)
-        var_t = t.var(0, unbiased=False).mean().clamp(min=1e-8)
+        var_q = batch_variance(q).clamp(min=1e-8)
+        var_t = batch_variance(t).clamp(min=1e-8)
         loss = loss + variance_weight * -torch.log(var_q * var_t)
         gram = q @ q.t()
         off = gram[~torch.eye(b, dtype=torch.bool, device=q.device)]

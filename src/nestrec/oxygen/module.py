@@ -23,9 +23,10 @@ from nestrec.data.scenarios import SCENARIO_KINDS
 from nestrec.errors import ConfigError
 from nestrec.evaluation import NextItemRecommender
 from nestrec.oxygen.decoding import constrained_beam_search, items_from_beams
-from nestrec.oxygen.losses import q2i_loss
+from nestrec.oxygen.losses import batch_variance, q2i_loss
 from nestrec.oxygen.model import OxygenModel
 from nestrec.oxygen.sid import SIDRegistry
+from nestrec.sharding.item_embedding import ShardedItemEmbedding
 
 __all__ = ["OxygenPretrainModule"]
 
@@ -58,6 +59,10 @@ class OxygenPretrainModule(NextItemRecommender):
         q2i_weight: float = 0.2,
         q2i_variance: float = 0.01,
         q2i_decorrelation: float = 0.01,
+        embedding: str = "dense",
+        sparse_optimizer: str = "adam",
+        sparse_lr: float = 2e-3,
+        sharding: str = "range",
         lr: float = 2e-3,
         weight_decay: float = 0.0,
         beam: dict[str, int] | None = None,
@@ -82,6 +87,13 @@ class OxygenPretrainModule(NextItemRecommender):
         self.beam = {s: int(beam.get(s, max(ks))) for s in SCENARIO_KINDS}
         if min(self.beam.values()) < 1:
             raise ConfigError(f"beam widths must be >= 1, got {self.beam}")
+        if embedding not in ("dense", "sharded"):
+            raise ConfigError(f"unknown OxygenREC embedding {embedding!r}; expected dense or sharded")
+        item_ids = (
+            ShardedItemEmbedding(num_items, d_model, sparse_optimizer, sparse_lr, sharding, seed=0)
+            if embedding == "sharded"
+            else None
+        )
         self.model = OxygenModel(
             self.registry.codes,
             self.registry.vocab_sizes,
@@ -103,6 +115,7 @@ class OxygenPretrainModule(NextItemRecommender):
             igr_stop_grad=igr_stop_grad,
             instruction=instruction,
             instruction_position=instruction_position,
+            item_id_embedding=item_ids,
         )
 
     # -- training ---------------------------------------------------------------------------------------
@@ -122,6 +135,8 @@ class OxygenPretrainModule(NextItemRecommender):
                 self.hparams.q2i_decorrelation,
             )
             out.update(q2i=q2i, q2i_cosine=cosine, loss=ntp + self.hparams.q2i_weight * q2i)
+            # Collapse watch: ~1/dim when item vectors are spread, → 0 when they all coincide.
+            out["q2i_target_variance"] = batch_variance(t.detach())
         return out
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

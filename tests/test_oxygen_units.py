@@ -173,3 +173,22 @@ def test_bad_configuration_is_named():
         _model(instruction="verbose")
     with pytest.raises(ConfigError, match="unknown igr 'dense'"):
         _model(igr="dense")
+
+
+def test_minilm_text_encoder_works_offline_and_caches(tmp_path, monkeypatch):
+    """The real encoder loads from the installed wheel with no network, and similar titles land
+    closer than unrelated ones; the second call is served from the content-addressed cache."""
+    from nestrec.oxygen import text
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    titles = ["Toy Story (1995) | Animation, Children's, Comedy", "Toy Story 2 (1999) | Animation, Children's, Comedy",
+              "Schindler's List (1993) | Drama, War"]  # fmt: skip
+    vectors = text.encode_cached(titles, "minilm", tmp_path)
+    assert vectors.shape == (3, 384)
+    assert torch.allclose(vectors.norm(dim=1), torch.ones(3), atol=1e-4)
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.2
+    [cached] = list(tmp_path.glob("text-minilm-*.npy"))
+    monkeypatch.setattr(text, "encode_texts", lambda *a, **k: pytest.fail("cache was not used"))
+    assert torch.equal(text.encode_cached(titles, "minilm", tmp_path), vectors) and cached.exists()
+    with pytest.raises(ConfigError, match="unknown text encoder 'bert'"):
+        text.encode_cached(titles, "bert", tmp_path)

@@ -107,3 +107,33 @@ def test_sharded_item_table_under_nestpipe_on_two_processes(tmp_path):
     [path] = list((tmp_path / "outputs").rglob("summary.json"))
     summary = json.loads(path.read_text())
     assert summary["world_size"] == 2 and 0.0 <= summary["metrics"]["test/hr@10"] <= 1.0
+
+
+def test_behaviour_weights_follow_ratings_and_weight_the_loss(tmp_path):
+    from nestrec.oxygen.data import OxygenDataModule
+
+    dm = OxygenDataModule(dataset="fixture", text_encoder="hashed", behaviour_weights={5: 3.0},
+                          scenarios=["homepage"], cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    dm.prepare_data()
+    dm.setup()
+    tensors = dm._tensors["train"]
+    ratings = dm._user_ratings()
+    seqs = dict(zip(dm.split.train_users.tolist(), dm.split.train_sequences))
+    checked = 0
+    for user, target, weight in zip(
+        tensors["user"].tolist(), tensors["target"].tolist(), tensors["weight"].tolist()
+    ):
+        items, r = ratings[user]
+        positions = [t for t in range(1, len(seqs[user])) if seqs[user][t] == target]
+        assert weight == (3.0 if r[positions[-1]] == 5 else 1.0) or len(positions) > 1
+        checked += 1
+    assert checked > 100 and 3.0 in tensors["weight"].tolist() and 1.0 in tensors["weight"].tolist()
+    registry = _registry()
+    module = _module(registry)
+    batch = _batch(6, registry.num_items)
+    uniform = module.losses(batch)["ntp"]
+    assert torch.allclose(module.losses(dict(batch, weight=torch.ones(6)))["ntp"], uniform)
+    heavy = torch.tensor([100.0, 1, 1, 1, 1, 1])
+    single = module.losses({k: v[:1] for k, v in batch.items()})["ntp"]
+    weighted = module.losses(dict(batch, weight=heavy))["ntp"]
+    assert abs(weighted - single) < abs(uniform - single)

@@ -14,6 +14,10 @@ evaluation rows and scenarios as the SASRec baseline, so numbers compare), ``set
    encoder and fed as the reasoning-instruction text ``I_r``, as the paper trains on search
    queries; rows without text get the learnable default.
 5. **Profile**: categorical user fields (ML-1M: gender, age, occupation) as indices.
+6. **Behaviour weights** (optional): MovieLens has no click/cart/order, so the target's rating is
+   the behaviour proxy; ``behaviour_weights`` maps a rating to its weight in the next-token loss
+   (e.g. ``{4: 1.5, 5: 2.0}``, others 1.0; CoffeeTau's view/cart/transaction proxy is
+   1.2/1.5/2.0). Off by default: the README's numbers are unweighted.
 
 Batches carry ``history [B, long_len + recent_len]``, ``target``, ``scenario``, ``trigger_item``,
 ``trigger_genre``, ``reasoning [B, text_dim]``, ``profile [B, fields]`` (+ ``index`` for eval).
@@ -27,6 +31,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
@@ -55,6 +60,7 @@ class OxygenDataModule(SequenceDataModule):
         sid_codebook: int = 32,
         sid_collisions: str = "disambiguate",
         sid_seed: int = 0,
+        behaviour_weights: dict[int, float] | None = None,
         **kwargs,
     ):
         kwargs["max_len"] = recent_len + long_len
@@ -137,14 +143,35 @@ class OxygenDataModule(SequenceDataModule):
         full[users["user"].to_numpy()] = matrix
         return torch.from_numpy(full)
 
+    def _user_ratings(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Per user, (items, ratings) in time order: training sequences are prefixes of these."""
+        inter = self.data.interactions
+        if "rating" not in inter.columns:
+            return {}
+        users = inter["user"].to_numpy()
+        cuts = np.flatnonzero(np.diff(users)) + 1
+        items = np.split(inter["item"].to_numpy(), cuts)
+        ratings = np.split(pd.to_numeric(inter["rating"], errors="coerce").to_numpy(dtype=np.float64), cuts)
+        return {int(u[0]): (i, r) for u, i, r in zip(np.split(users, cuts), items, ratings)}
+
+    def _weight(self, rating: float) -> float:
+        weights = self.hparams.behaviour_weights or {}
+        if np.isnan(rating):
+            return 1.0
+        return float(weights.get(int(round(rating)), 1.0))
+
     def _oxygen_train_tensors(self, queries: dict[str, int]) -> dict[str, torch.Tensor]:
         hp = self.hparams
-        users, histories, targets = [], [], []
+        per_user = self._user_ratings() if hp.behaviour_weights else {}
+        users, histories, targets, weights = [], [], [], []
         for user, seq in zip(self.split.train_users, self.split.train_sequences):
+            items, ratings = per_user.get(int(user), (None, None))
+            aligned = items is not None and np.array_equal(items[: len(seq)], seq)
             for t in range(max(1, len(seq) - hp.samples_per_user), len(seq)):
                 users.append(int(user))
                 histories.append(seq[:t])
                 targets.append(int(seq[t]))
+                weights.append(self._weight(ratings[t]) if aligned else 1.0)
         users_a, targets_a = np.asarray(users, np.int64), np.asarray(targets, np.int64)
         rows = derive_scenarios(self.data, users_a, histories, targets_a, tuple(hp.train_scenarios))
         # One scenario per training pair: a stable hash picks among the kinds the pair can form.
@@ -168,6 +195,7 @@ class OxygenDataModule(SequenceDataModule):
                 [queries.setdefault(rows.query[i], len(queries)) for i in pick.tolist()]
             ),
             "profile": self._profile[torch.from_numpy(users_a[source])],
+            "weight": torch.tensor(weights, dtype=torch.float32)[torch.from_numpy(source)],
         }
 
     # ---------------------------------------------------------------------------------------------

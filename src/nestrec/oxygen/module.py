@@ -123,7 +123,12 @@ class OxygenPretrainModule(NextItemRecommender):
         encoded = self.model.encode(batch)
         sid = self.model.sid_codes[batch["target"]]
         logits = self.model.sid_logits(encoded, sid)
-        ntp = torch.stack([F.cross_entropy(lg, sid[:, level]) for level, lg in enumerate(logits)]).mean()
+        per_sample = torch.stack(
+            [F.cross_entropy(lg, sid[:, level], reduction="none") for level, lg in enumerate(logits)]
+        ).mean(0)
+        # Behaviour-weighted next-token loss: sum_b w_b * CE_b / sum_b w_b (uniform without weights).
+        weight = batch.get("weight")
+        ntp = (per_sample * weight).sum() / weight.sum() if weight is not None else per_sample.mean()
         out = {"ntp": ntp, "loss": ntp}
         if self.hparams.q2i and self.hparams.instruction != "none":
             t = self.model.item_vector(batch["target"])

@@ -192,3 +192,31 @@ def test_minilm_text_encoder_works_offline_and_caches(tmp_path, monkeypatch):
     assert torch.equal(text.encode_cached(titles, "minilm", tmp_path), vectors) and cached.exists()
     with pytest.raises(ConfigError, match="unknown text encoder 'bert'"):
         text.encode_cached(titles, "bert", tmp_path)
+
+
+def test_moe_decoder_routes_to_k_experts_and_balances():
+    import copy
+
+    from nestrec.oxygen.moe import MoEFeedForward
+
+    torch.manual_seed(0)
+    unbalanced = MoEFeedForward(d_model=8, ffn=16, experts=4, active=2, balance_rate=0.0)
+    with torch.no_grad():
+        unbalanced.router.weight[0] += 0.5  # a skewed router: expert 0 wins too often
+    balanced = copy.deepcopy(unbalanced)
+    balanced.balance_rate = 0.05
+    x = torch.randn(256, 8)
+    y = balanced(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert balanced.experts[0][0].weight.grad is not None  # gradients reach the chosen experts
+    for _ in range(200):
+        unbalanced(x), balanced(x)
+    assert balanced.last_load.std() < unbalanced.last_load.std() / 2, (
+        balanced.last_load,
+        unbalanced.last_load,
+    )
+    model = _model(moe_experts=4, moe_active=2)
+    assert any(isinstance(m, MoEFeedForward) for m in model.modules())
+    with pytest.raises(ConfigError, match="MoE needs 1 <= active"):
+        MoEFeedForward(8, 16, experts=2, active=3)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nestrec.errors import ConfigError, UserInputError
+from nestrec.oxygen.moe import MoEDecoderLayer
 
 __all__ = ["OxygenModel", "INSTRUCTION_MODES", "INSTRUCTION_POSITIONS", "IGR_MODES"]
 
@@ -62,6 +63,8 @@ class OxygenModel(nn.Module):
         instruction_position: str = "right_of_bos",
         q2i_dim: int = 64,
         item_id_embedding: nn.Module | None = None,
+        moe_experts: int = 0,
+        moe_active: int = 2,
     ):
         super().__init__()
         for name, value, allowed in (
@@ -111,7 +114,10 @@ class OxygenModel(nn.Module):
         self.bos = nn.Parameter(torch.randn(d) * 0.02)
         self.tokens = nn.ModuleList(nn.Embedding(v, d) for v in self.vocab_sizes)
         self.dec_pos = nn.Embedding(2 + len(self.vocab_sizes), d)
-        dec_layer = nn.TransformerDecoderLayer(d, heads, ffn, dropout, batch_first=True, norm_first=True)
+        if moe_experts:  # MoE capacity goes to the decoder, as in the paper's larger models
+            dec_layer = MoEDecoderLayer(d, heads, ffn, dropout, moe_experts, moe_active)
+        else:
+            dec_layer = nn.TransformerDecoderLayer(d, heads, ffn, dropout, batch_first=True, norm_first=True)
         self.decoder = nn.TransformerDecoder(dec_layer, decoder_layers)
         self.dec_norm = nn.LayerNorm(d)
         self.heads = nn.ModuleList(nn.Linear(d, v) for v in self.vocab_sizes)

@@ -48,6 +48,8 @@ class OxygenPretrainModule(NextItemRecommender):
         decoder_layers: int = 2,
         ffn: int = 128,
         dropout: float = 0.1,
+        moe_experts: int = 0,
+        moe_active: int = 2,
         igr: str = "semantic",
         igr_k: int = 10,
         igr_alpha: float = 1.0,
@@ -116,6 +118,8 @@ class OxygenPretrainModule(NextItemRecommender):
             instruction=instruction,
             instruction_position=instruction_position,
             item_id_embedding=item_ids,
+            moe_experts=moe_experts,
+            moe_active=moe_active,
         )
 
     # -- training ---------------------------------------------------------------------------------------

@@ -81,7 +81,6 @@ class NestPipeStrategy(DDPStrategy):
             start_method=start_method,
             **ddp_kwargs,
         )
-        self.pipeline = pipeline
         self.host_memory_budget_gb = host_memory_budget_gb
         self.key_group = None
         self.embedding_group = None

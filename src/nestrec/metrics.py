@@ -78,6 +78,8 @@ class RankingMetrics(Metric):
             for k in self.ks:
                 hit = (r < k).double()
                 results[f"{name}/hr@{k}"] = hit.mean()
+                # One held-out item per row: Recall@K (relevant items found / relevant items) = HR@K.
+                results[f"{name}/recall@{k}"] = hit.mean()
                 results[f"{name}/ndcg@{k}"] = (hit / torch.log2(r + 2.0)).mean()
             results[f"{name}/mrr"] = (1.0 / (r + 1.0)).mean()
             results[f"{name}/count"] = torch.tensor(float(mask.sum()))

@@ -126,14 +126,16 @@ def build_strategy(cfg: DictConfig) -> Any:
     return cfg.get("name", "auto")
 
 
-def build_logger(cfg: DictConfig | None, output_dir: Path, run_name: str) -> Any:
+def build_logger(cfg: DictConfig | None, output_dir: Path, run_name: str, group: str | None = None) -> Any:
+    """The configured Lightning logger; ``group`` ties the W&B runs of one multi-stage recipe together."""
     from hydra.utils import instantiate
 
     if not cfg or not cfg.get("_target_"):
         return False
     target = cfg["_target_"]
     if target.endswith("WandbLogger"):
-        return instantiate(cfg, save_dir=str(output_dir), name=run_name)
+        extra = {"group": group} if group else {}
+        return instantiate(cfg, save_dir=str(output_dir), name=run_name, **extra)
     return instantiate(cfg, save_dir=str(output_dir))
 
 
@@ -198,6 +200,8 @@ def train(cfg: DictConfig) -> float | None:
     output_dir = _output_dir()
     recipe = _recipe_name()
     pl.seed_everything(cfg.seed, workers=True)
+    if cfg.get("stages"):
+        return _train_stages(cfg, output_dir, recipe, started)
 
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.prepare_data()
@@ -261,6 +265,49 @@ def train(cfg: DictConfig) -> float | None:
     _finish_wandb(logger)
     monitored = metrics.get(cfg.run.monitor)
     return monitored
+
+
+def _train_stages(cfg: DictConfig, output_dir: Path, recipe: str | None, started: float) -> float | None:
+    """A multi-stage recipe (``stages:`` block): see :mod:`nestrec.stages`."""
+    from nestrec.stages import run_stages
+
+    metrics, results, datamodule = run_stages(cfg, output_dir, recipe)
+    last = cfg.stages.order[-1]
+    summary = {
+        "recipe": recipe,
+        "status": "ok",
+        "metrics": metrics,
+        "stages": results,
+        "monitor": f"{last}/{cfg.run.monitor}",
+        "config_hash": config_hash(cfg),
+        "wall_time_s": round(time.time() - started, 2),
+        "data": datamodule.describe(),
+        "output_dir": str(output_dir),
+        "versions": _versions(),
+        "finished_at": datetime.now().isoformat(timespec="seconds"),
+    }
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(output_dir / "summary.json", summary)
+        _print_stage_headline(summary, cfg.stages.order)
+    return metrics.get(summary["monitor"])
+
+
+def _print_stage_headline(summary: dict, order: list[str]) -> None:
+    metrics = summary["metrics"]
+    for stage in order:
+        scenarios = sorted(
+            {m.group(1) for k in metrics if (m := re.fullmatch(rf"{stage}/test/([^/]+)/ndcg@10", k))}
+        )
+        for name in scenarios:
+            print(
+                f"[nestrec] {stage:<8} test {name:<9} HR@10={metrics[f'{stage}/test/{name}/hr@10']:.4f}"
+                f" Recall@10={metrics[f'{stage}/test/{name}/recall@10']:.4f}"
+                f" NDCG@10={metrics[f'{stage}/test/{name}/ndcg@10']:.4f}"
+            )
+    print(
+        f"[nestrec] summary: {summary['output_dir']}/summary.json ({summary['wall_time_s']:.1f}s)", flush=True
+    )
 
 
 def _finish_wandb(logger: Any) -> None:

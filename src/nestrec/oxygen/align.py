@@ -96,8 +96,9 @@ class SAGCPOModule(OxygenPretrainModule):
         step = self._step_fn(model, encoded)
         if self.hparams.rollout == "beam":
             result = constrained_beam_search(step, b, self.trie, g, item_mask)
-            tokens, leaves = result.tokens, result.leaves
-            valid = leaves >= 0
+            valid = result.leaves >= 0
+            # Fewer legal SIDs than beams: the spare beams are padding (masked out of the loss).
+            tokens, leaves = result.tokens * valid.unsqueeze(-1), result.leaves
         else:
             tokens, leaves, valid = self._sample(step, b, g, item_mask)
         items = self._leaf_items(leaves, item_mask)
@@ -206,6 +207,10 @@ class SAGCPOModule(OxygenPretrainModule):
         with torch.no_grad():
             old_encoded = old.encode(batch)
             tokens, items, valid = self.rollout(old, old_encoded, batch, item_mask)
+            # Beam search may have fewer legal SIDs than beams (a small channel): spare beams are not
+            # candidates at all. Every sample is a candidate, legal or not.
+            produced = valid if hp.rollout == "beam" else torch.ones_like(valid)
+            legal_rate = ((items > 0) & produced).float().sum() / produced.float().sum().clamp(min=1)
             reward, gt_reward, raw = self.rewards(batch, items, tokens, valid)
             # Unconstrained samples stay in the group even when illegal: the format reward teaches.
             valid = torch.ones_like(valid) if hp.rollout == "sample_unconstrained" else valid & (items > 0)
@@ -251,7 +256,7 @@ class SAGCPOModule(OxygenPretrainModule):
             "rl/anchor_ntp": anchor.detach(),
             "rl/reward": (reward * valid).sum() / valid.sum().clamp(min=1),
             "rl/gt_reward": gt_reward.mean(),
-            "rl/legal_rate": (items > 0).float().mean(),
+            "rl/legal_rate": legal_rate,
             "rl/rollout_hit": hit,
             "rl/suppressed_fraction": suppressed.float().sum() / positive.float().sum().clamp(min=1),
             **{f"rl/{k}": v for k, v in stats.items()},

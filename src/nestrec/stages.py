@@ -136,7 +136,12 @@ class StageRunner:
         if spec.backend == "rules":
             backend = RuleBasedReasoner()
         else:
-            backend = build_backend(spec.backend, **(_plain(spec.get("backend_options")) or {}))
+            options = _plain(spec.get("backend_options")) or {}
+            if spec.get("guided_json"):  # the model writes the intent; the JSON skeleton is fixed
+                from nestrec.oxygen.cri.prompt import JSON_PREFIX, JSON_STOP, JSON_SUFFIX
+
+                options.update(response_prefix=JSON_PREFIX, stop=JSON_STOP, response_suffix=JSON_SUFFIX)
+            backend = build_backend(spec.backend, **options)
         max_users = spec.max_users
         cap = self.caps.get("cri", {}).get("max_users")
         if cap is not None:

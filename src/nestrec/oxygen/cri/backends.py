@@ -207,6 +207,9 @@ class HFLocalBackend:
         batch_size: int = 8,
         device: str = "cpu",
         dtype: str = "float32",
+        response_prefix: str = "",
+        stop: str | None = None,
+        response_suffix: str = "",
     ) -> None:
         _require(bool(model), "hf backend needs a model path or hub name")
         _require(max_new_tokens >= 1, f"hf backend: max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -221,6 +224,11 @@ class HFLocalBackend:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.device = device
+        # Prefilling the assistant turn (e.g. '{"intent": "') is how a small model is held to a JSON
+        # answer; the prefix is returned as part of the completion so the caller parses it whole.
+        # With ``stop``, the completion is cut at its first occurrence and ``response_suffix`` closes
+        # the skeleton: the model fills one string field, the JSON around it is fixed.
+        self.response_prefix, self.stop, self.response_suffix = response_prefix, stop, response_suffix
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
             self.model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
@@ -238,6 +246,7 @@ class HFLocalBackend:
 
         texts = [
             self.tokenizer.apply_chat_template(_messages(s, u), tokenize=False, add_generation_prompt=True)
+            + self.response_prefix
             for s, u in prompts
         ]
         outputs: list[str] = []
@@ -256,9 +265,13 @@ class HFLocalBackend:
                         max_new_tokens=self.max_new_tokens,
                         do_sample=False,
                         pad_token_id=self.tokenizer.pad_token_id,
+                        **({"stop_strings": [self.stop], "tokenizer": self.tokenizer} if self.stop else {}),
                     )
                 new_tokens = out[:, enc["input_ids"].shape[1] :]
-                outputs.extend(self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+                decoded = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+                if self.stop:
+                    decoded = [text.split(self.stop, 1)[0] + self.response_suffix for text in decoded]
+                outputs.extend(self.response_prefix + text for text in decoded)
         except (RuntimeError, ValueError) as err:  # OOM, device errors, bad generation settings
             raise BackendError(f"{self.name}: generation failed: {type(err).__name__}: {err}") from err
         return outputs
@@ -386,8 +399,25 @@ class SmolLM2Backend(HFLocalBackend):
 
     MODEL_NAME = "SmolLM2-135M-Instruct-Q4_1"
 
-    def __init__(self, max_new_tokens: int = 160, batch_size: int = 8, device: str = "cpu") -> None:
-        super().__init__(str(convert_smollm2()), max_new_tokens, batch_size, device, dtype="float32")
+    def __init__(
+        self,
+        max_new_tokens: int = 160,
+        batch_size: int = 8,
+        device: str = "cpu",
+        response_prefix: str = "",
+        stop: str | None = None,
+        response_suffix: str = "",
+    ) -> None:
+        super().__init__(
+            str(convert_smollm2()),
+            max_new_tokens,
+            batch_size,
+            device,
+            "float32",
+            response_prefix,
+            stop,
+            response_suffix,
+        )
         self.name = f"smollm2:{self.MODEL_NAME}"
 
 

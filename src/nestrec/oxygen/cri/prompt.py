@@ -27,6 +27,9 @@ __all__ = [
     "INSTRUCTION_SCHEMA",
     "PROMPT_VERSION",
     "InvalidInstruction",
+    "JSON_PREFIX",
+    "JSON_STOP",
+    "JSON_SUFFIX",
     "RuleBasedReasoner",
     "UserContext",
     "build_prompt",
@@ -35,11 +38,11 @@ __all__ = [
 ]
 
 #: bump when the prompt or schema changes: cached rows of another version are regenerated
-PROMPT_VERSION = "cri-v1"
+PROMPT_VERSION = "cri-v2"
 
 INSTRUCTION_SCHEMA: dict = {
     "type": "object",
-    "required": ["intent", "categories"],
+    "required": ["intent"],
     "properties": {
         "intent": {"type": "string", "minLength": 3, "maxLength": 400},
         "evidence": {"type": "string", "maxLength": 600},
@@ -54,11 +57,18 @@ INSTRUCTION_SCHEMA: dict = {
 }
 
 _SYSTEM = (
-    "You are a movie recommendation analyst. Read the user's context and infer what they want to "
-    "watch next. Answer with ONE JSON object only, no prose, with keys: "
-    '"intent" (one sentence), "evidence" (short), "categories" (1-3 genres from the list given), '
-    '"time_sensitivity" ("low", "medium" or "high").'
+    "You are a movie recommendation analyst. Read the user's recent movies and say, in one sentence, "
+    "what kind of movie they want to watch next and why. Reply as JSON: "
+    '{"intent": "...", "categories": ["genre", ...], "time_sensitivity": "low|medium|high"}.'
 )
+
+#: What an LLM backend prefills the answer with and where it stops (``response_prefix`` /
+#: ``stop`` / ``response_suffix``): schema-guided decoding for models too small to hold a JSON
+#: format on their own (SmolLM2-135M loops inside arrays) — the model writes the intent sentence,
+#: the skeleton around it is fixed, as guided-JSON decoding in vLLM/SGLang would do.
+JSON_PREFIX = '{"intent": "In the mood for'
+JSON_STOP = '"'
+JSON_SUFFIX = '"}'
 
 
 class InvalidInstruction(ValueError):
@@ -89,7 +99,6 @@ def build_prompt(ctx: UserContext) -> tuple[str, str]:
         "recent_movies": [
             {"title": r["title"], "genres": r["genres"], "rating": r.get("rating")} for r in ctx.recent
         ],
-        "genre_list": ctx.genres,
     }
     user = (
         "Context (JSON):\n" + json.dumps(facts, ensure_ascii=False) + "\n"
@@ -126,7 +135,9 @@ def parse_instruction(text: str) -> dict:
 
 def instruction_text(instruction: dict) -> str:
     """The sentence the text encoder embeds: intent + wanted genres (+ urgency)."""
-    parts = [instruction["intent"].strip(), "wants: " + ", ".join(instruction["categories"])]
+    parts = [instruction["intent"].strip()]
+    if instruction.get("categories"):
+        parts.append("wants: " + ", ".join(instruction["categories"]))
     if instruction.get("time_sensitivity"):
         parts.append(f"urgency: {instruction['time_sensitivity']}")
     return " | ".join(parts)

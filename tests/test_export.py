@@ -216,6 +216,10 @@ def test_loading_refuses_other_versions_and_tampered_files_in_one_line(tiny, tmp
     with pytest.raises(ArtifactError, match="registry.json is version .* trained with 0123456789abcdef"):
         load_artifact(art)
 
+    (art / "manifest.json").write_text("[1, 2]")  # valid JSON, not an object
+    line = _one_line_error(serve_main, [f"artifact={art}"])
+    assert "manifest.json holds a JSON list, not an object" in line
+
     (art / "manifest.json").write_text(json.dumps(manifest))
     weights = art / "weights.safetensors"
     data = bytearray(weights.read_bytes())
@@ -260,14 +264,14 @@ def test_export_refuses_a_registry_the_data_does_not_match(tiny, tmp_path):
 
 def test_export_copies_an_instruction_cache_and_checks_its_width(tiny, tmp_path):
     from nestrec.oxygen.cri.cache import CRICache, CRIRecord
+    from nestrec.oxygen.text import encode_texts
 
-    def cache(path: Path, dim: int) -> Path:
-        vector = np.ones(dim, dtype=np.float32) / np.sqrt(dim)
+    def cache(path: Path, vector: np.ndarray) -> Path:
         with CRICache(path) as c:
-            c.put_many([CRIRecord(3, 0, 0.0, "test", "v1", "ok", '{"intent": "x"}', vector)])
+            c.put_many([CRIRecord(3, 0, 0.0, "test", "v1", "ok", '{"intent": "war films"}', vector)])
         return path
 
-    good = cache(tmp_path / "good.sqlite", 384)
+    good = cache(tmp_path / "good.sqlite", encode_texts(["war films"], "hashed")[0].numpy())
     out = export_artifact(
         ExportSettings(checkpoint=str(tiny.checkpoint), out=str(tmp_path / "with-cri"), cri=str(good),
                        beam={"search": 16}, k={"search": 12})
@@ -276,11 +280,18 @@ def test_export_copies_an_instruction_cache_and_checks_its_width(tiny, tmp_path)
     assert manifest["cri"]["rows"] == 1 and (out / "cri.sqlite").is_file()
     assert manifest["serving"]["beam"]["search"] == 16 and manifest["serving"]["k"]["search"] == 12
     assert load_artifact(out).cri_path == out / "cri.sqlite"
-    bad = cache(tmp_path / "bad.sqlite", 16)
+    bad = cache(tmp_path / "bad.sqlite", np.ones(16, dtype=np.float32) / 4)
     line = _one_line_error(
         export_main, [f"checkpoint={tiny.checkpoint}", f"out={tmp_path / 'c'}", f"cri={bad}"]
     )
     assert "holds [16]-d instruction vectors, the text encoder gives 384-d" in line
+    # As wide as the encoder's vectors but not its output (MiniLM's are 384-d too): refused as well.
+    foreign = cache(tmp_path / "foreign.sqlite", np.ones(384, dtype=np.float32) / np.sqrt(384))
+    line = _one_line_error(
+        export_main, [f"checkpoint={tiny.checkpoint}", f"out={tmp_path / 'c'}", f"cri={foreign}"]
+    )
+    assert "instruction vectors were not made by the artifact's 'hashed' text encoder" in line
+    assert not (tmp_path / "c").exists()
 
 
 def test_sharded_checkpoint_exports_the_whole_item_table(tiny, tmp_path):
@@ -349,3 +360,18 @@ def test_an_rl_post_training_checkpoint_exports_like_its_policy(tiny, tmp_path):
         assert [r.items for r in Recommender(art).recommend(queries)] == [
             r.items for r in Recommender(reference).recommend(queries)
         ]
+
+
+def test_channel_without_genres_is_a_clear_422_not_a_crash(tiny):
+    """An artifact whose catalogue has no genres: the schema takes any string, resolve must refuse."""
+    from nestrec.serve.instructions import InstructionSource
+    from nestrec.serve.resolve import RequestError, resolve
+    from nestrec.serve.schema import request_model
+
+    art = load_artifact(tiny.artifact)
+    art.genres = []
+    model = request_model(art.scenarios, art.genres, art.num_items, 100, 512)
+    request = model(scenario="channel", user=1, genre="Drama")
+    with pytest.raises(RequestError, match="scenario 'channel' is not available: .* no genres"):
+        resolve(request, art, InstructionSource("hashed", art.text_dim))
+    assert resolve(model(scenario="homepage", user=1), art, InstructionSource("hashed", art.text_dim)).query

@@ -21,23 +21,28 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 
+from nestrec.errors import UserInputError
 from nestrec.oxygen.cri.cache import CRICache, CRIRecord
+from nestrec.oxygen.cri.prompt import instruction_text
 from nestrec.oxygen.text import encode_texts
+from nestrec.serve import batching
+from nestrec.serve.__main__ import main as serve_main
 from nestrec.serve.batching import DeadlineExceeded, MicroBatcher, Overloaded
-from test_export import Tiny, tiny  # noqa: F401  (the session fixture)
+from nestrec.serve.instructions import InstructionSource
+from test_export import Tiny, _one_line_error, tiny  # noqa: F401  (the session fixture)
 
 SCENARIOS = ("homepage", "channel", "related", "search")
 # Unknown to the artifact (cold start), with instruction vectors A, B and A again.
 COLD_A, COLD_B, COLD_A2, LATE = 900_001, 900_002, 900_003, 900_004
 
 
-def _vector(text: str) -> np.ndarray:
-    """An instruction as the slow-thinking job would store it: its text through the artifact's encoder."""
-    return encode_texts([text], "hashed")[0].numpy()
-
-
-def _record(user: int, vector: np.ndarray, window: int = 0) -> CRIRecord:
-    return CRIRecord(user, window, float(window), "test", "v1", "ok", '{"intent": "test"}', vector)
+def _record(user: int, intent: str, window: int = 0, vector: np.ndarray | None = None) -> CRIRecord:
+    """An instruction as the slow-thinking job stores it: its JSON text, and that text through the
+    artifact's encoder (``vector`` overrides it, e.g. with another encoder's output)."""
+    text = json.dumps({"intent": intent})
+    if vector is None:
+        vector = encode_texts([instruction_text(json.loads(text))], "hashed")[0].numpy()
+    return CRIRecord(user, window, float(window), "test", "v1", "ok", text, vector)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +50,8 @@ def cri(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cri") / "cri.sqlite"
     with CRICache(path) as cache:
         cache.put_many(
-            [_record(COLD_A, _vector("horror 1990s")), _record(COLD_B, _vector("comedy romance 1950s")),
-             _record(COLD_A2, _vector("horror 1990s")), _record(3, _vector("drama")), _record(4, _vector("war"))]
+            [_record(COLD_A, "horror 1990s"), _record(COLD_B, "comedy romance 1950s"),
+             _record(COLD_A2, "horror 1990s"), _record(3, "drama"), _record(4, "war")]
         )  # fmt: skip
     return path
 
@@ -151,6 +156,32 @@ def test_every_scenario_returns_real_catalogue_items(service):
     assert related.status_code == 200
 
 
+def test_exclude_history_covers_the_whole_history_not_only_the_models_window(service, tiny):  # noqa: F811
+    """The model reads the newest recent_len + long_len (16) items; exclusion must cover them all."""
+    base, catalogue = service
+    num_items = len(catalogue["items"])
+    window = 16
+    history = list(range(1, 61))  # 60 items: 44 older than the window
+    body = {"scenario": "homepage", "history": history, "exclude_history": True, "beam": 64, "k": 64}
+    items = _items(_post(base, body))
+    assert items and not set(items) & set(history), sorted(set(items) & set(history))
+    # Without exclusion the older items are fair game (so the check above is not vacuous).
+    assert set(_items(_post(base, {**body, "exclude_history": False}))) & set(history[:-window])
+    assert len(items) <= num_items - len(history)
+
+    # A known user without a request history: everything they interacted with, not the stored window.
+    inter = tiny.datamodule.data.interactions
+    counts = inter.groupby("user")["item"].nunique()
+    user = int(counts.idxmax())
+    seen = set(inter[inter["user"] == user]["item"].tolist())
+    assert len(seen) > window
+    response = _post(
+        base, {"scenario": "homepage", "user": user, "exclude_history": True, "beam": 64, "k": 64}
+    )
+    assert response.json()["history_source"] == "stored"
+    assert _items(response) and not set(_items(response)) & seen
+
+
 def test_results_are_deterministic_alone_and_under_concurrency(service):
     base, _ = service
     bodies = [_request(s, user=u) for s in SCENARIOS for u in (1, 2, 3)]
@@ -199,7 +230,7 @@ def test_new_cached_instructions_are_picked_up_without_a_restart(service, cri):
     body = {"scenario": "homepage", "user": LATE, "history": [3, 4]}
     assert _post(base, body).json()["instruction"] == "default"
     with CRICache(cri) as cache:
-        cache.put_many([_record(LATE, _vector("western 1960s"))])
+        cache.put_many([_record(LATE, "western 1960s")])
     deadline = time.time() + 20
     while _post(base, body).json()["instruction"] != "cached":
         assert time.time() < deadline, "the service never re-read the instruction cache"
@@ -272,6 +303,40 @@ def test_bad_requests_get_4xx_with_a_clear_message_and_the_service_keeps_serving
     assert _items(_post(base, _request("homepage", user=1)))
 
 
+def test_an_oversized_body_gets_413_declared_or_streamed(service):
+    base, _ = service
+    limit = httpx.get(f"{base}/v1/model", timeout=10).json()["max_body_bytes"]
+    assert limit == 1 << 20  # the default
+    padding = " " * limit  # valid JSON, only too large
+    big = f'{{"scenario": "homepage", "user": 1}}{padding}'.encode()
+    response = _post(base, big)  # with Content-Length: refused before the body is read
+    assert response.status_code == 413, response.text
+    assert response.json() == {
+        "detail": f"request body of {len(big)} bytes exceeds the {limit}-byte limit (the service's max_body_bytes)"
+    }
+
+    def chunks():  # no Content-Length (chunked): counted while it streams in
+        yield b'{"scenario": "homepage", "user": 1}'
+        for _ in range(20):
+            yield b" " * (limit // 16)
+
+    streamed = httpx.post(
+        f"{base}/v1/recommend", content=chunks(), headers={"content-type": "application/json"}, timeout=30
+    )
+    assert streamed.status_code == 413 and "exceeds the" in streamed.json()["detail"], streamed.text
+    small = b'{"scenario": "homepage", "user": 1}' + b" " * 1000
+    assert _items(_post(base, small))  # under the limit (and the service keeps serving)
+
+    def small_chunks():
+        yield b'{"scenario": "homepage",'
+        yield b' "user": 1}'
+
+    assert _items(
+        httpx.post(f"{base}/v1/recommend", content=small_chunks(), headers={"content-type": "application/json"},
+                   timeout=30)
+    )  # fmt: skip
+
+
 def test_a_missed_deadline_is_a_504_with_a_message(service):
     base, _ = service
     response = _post(base, {"scenario": "homepage", "user": 1, "beam": 512, "k": 100, "deadline_ms": 1})
@@ -336,8 +401,8 @@ def test_micro_batcher_batches_caps_cost_drops_expired_and_isolates_failures():
 
     def run(queries: list[int]) -> list[int]:
         calls.append(list(queries))
-        if 13 in queries:
-            raise ValueError("bad query 13")
+        if 7 in queries:
+            raise ValueError("bad query 7")
         time.sleep(0.05)
         return [q * 10 for q in queries]
 
@@ -350,11 +415,15 @@ def test_micro_batcher_batches_caps_cost_drops_expired_and_isolates_failures():
             assert [r for r, _ in results] == [10, 20, 30, 40, 50]
             assert all(sum(batch) <= 10 or len(batch) == 1 for batch in calls)  # the cost cap holds
             assert any(len(batch) > 1 for batch in calls)
+            # Queued together (cost 2 + 7 <= 10), so they share a batch; it fails, each query is rerun
+            # alone, and only the bad one fails. The good one reports the batch it was queued in.
+            del calls[:]
             good, bad = await asyncio.gather(
-                batcher.submit(2, 5), batcher.submit(13, 5), return_exceptions=True
+                batcher.submit(2, 5), batcher.submit(7, 5), return_exceptions=True
             )
-            assert good == (20, 1) or good[0] == 20
-            assert isinstance(bad, ValueError)  # the failing query fails alone
+            assert calls == [[2, 7], [2], [7]]
+            assert good == (20, 2)
+            assert isinstance(bad, ValueError) and str(bad) == "bad query 7"
             with pytest.raises(DeadlineExceeded):
                 await batcher.submit(1, 0.0)
             flood = await asyncio.gather(*(batcher.submit(1, 5) for _ in range(12)), return_exceptions=True)
@@ -365,3 +434,75 @@ def test_micro_batcher_batches_caps_cost_drops_expired_and_isolates_failures():
             await batcher.stop()
 
     asyncio.run(scenario())
+
+
+def test_micro_batcher_survives_python_310_timeouts_and_bad_rounds(monkeypatch):
+    """On Python 3.10 ``asyncio.wait_for`` raises ``asyncio.TimeoutError``, which is not the builtin
+    ``TimeoutError`` (they are one class from 3.11). Simulate that: a filling wait that times out must
+    end the batch, a missed deadline must be DeadlineExceeded, and the worker must outlive both and a
+    round that fails outside the model."""
+
+    class LegacyTimeout(Exception):  # what asyncio.TimeoutError is on 3.10
+        pass
+
+    real_wait_for = asyncio.wait_for
+
+    async def wait_for(awaitable, timeout):
+        try:
+            return await real_wait_for(awaitable, timeout)
+        except TimeoutError:
+            raise LegacyTimeout from None
+
+    monkeypatch.setattr(asyncio, "TimeoutError", LegacyTimeout)
+    monkeypatch.setattr(batching.asyncio, "wait_for", wait_for)
+
+    def run(queries: list[int]) -> list[int]:
+        time.sleep(0.05 if 9 in queries else 0.0)
+        return [q * 10 for q in queries][: 1 if 5 in queries and len(queries) > 1 else None]
+
+    hook_calls = []
+
+    def on_batch(size: int, seconds: float) -> None:
+        hook_calls.append(size)
+        if len(hook_calls) == 1:
+            raise RuntimeError("metrics hook failed")
+
+    async def scenario() -> None:
+        batcher: MicroBatcher[int, int] = MicroBatcher(run, max_batch=4, max_wait_ms=5, on_batch=on_batch)
+        await batcher.start()
+        try:
+            assert await batcher.submit(1, 5) == (10, 1)  # the 5 ms fill wait timed out; the hook failed
+            assert batcher.running
+            with pytest.raises(DeadlineExceeded):
+                await batcher.submit(9, 0.01)  # runs 50 ms: the caller's wait times out
+            assert batcher.running
+            # A result list of the wrong length (a round failing outside the model): both callers get
+            # an error at once instead of waiting for their deadline, and the worker serves on.
+            short = await asyncio.gather(batcher.submit(5, 5), batcher.submit(6, 5), return_exceptions=True)
+            assert all(isinstance(r, RuntimeError) and "2 queries" in str(r) for r in short), short
+            assert batcher.running and await batcher.submit(2, 5) == (20, 1)
+        finally:
+            await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+# -- the instruction cache's text encoder ------------------------------------------------------------
+def test_an_instruction_cache_from_another_text_encoder_is_refused(tiny, tmp_path):  # noqa: F811
+    """Hashed and MiniLM vectors are both 384-d: the width cannot tell them apart, re-encoding can."""
+    good = tmp_path / "good.sqlite"
+    with CRICache(good) as cache:
+        cache.put_many([_record(3, "drama"), _record(4, "war")])
+    assert InstructionSource("hashed", 384, good).users_with_instruction == 2
+
+    rng = np.random.default_rng(0)
+    foreign = rng.standard_normal(384).astype(np.float32)  # 384-d, unit norm, but not hashed("war")
+    foreign /= np.linalg.norm(foreign)
+    bad = tmp_path / "bad.sqlite"
+    with CRICache(bad) as cache:
+        cache.put_many([_record(3, "drama"), _record(4, "war", vector=foreign)])
+    with pytest.raises(UserInputError, match="not made by the artifact's 'hashed' text encoder .* user 4"):
+        InstructionSource("hashed", 384, bad)
+    # The service refuses it at start-up in one line, before binding the port.
+    line = _one_line_error(serve_main, [f"artifact={tiny.artifact}", f"cri={bad}", "verify=false"])
+    assert "regenerate the cache with text_encoder=hashed" in line

@@ -9,7 +9,8 @@ client will not send, and writes the directory described in :mod:`nestrec.serve.
 Refusals, each one line (exit status 2): a checkpoint without a SID registry, a registry whose
 version differs from the hyper-parameters or from what the data tokenises to today (the SID
 tokens would mean other items), data whose catalogue, genres or profile fields changed shape, an
-instruction cache whose vectors have another width than the text encoder, an existing ``out``
+instruction cache whose vectors have another width than the text encoder or are not its output
+(checked by re-encoding a sample of rows' instruction text), an existing ``out``
 without ``overwrite=true``. The artifact is written to a sibling directory and renamed into place,
 so a failed export leaves nothing half-written.
 
@@ -207,6 +208,25 @@ def _user_histories(dm, length: int) -> np.ndarray:
     return out
 
 
+def _user_seen(dm) -> tuple[np.ndarray, np.ndarray]:
+    """Every item each user interacted with, as CSR (offsets ``[users + 1]``, sorted unique items).
+
+    The model reads only the newest ``long_len + recent_len`` items, but ``exclude_history`` must
+    remove every item the user has seen, however old.
+    """
+    inter = dm.data.interactions
+    users, items = inter["user"].to_numpy(), inter["item"].to_numpy()
+    per_user: list[np.ndarray] = [np.zeros(0, dtype=np.int32)] * dm.data.num_users
+    if len(users):
+        cuts = np.flatnonzero(np.diff(users)) + 1  # interactions are sorted by (user, time)
+        for user, seq in zip(users[np.concatenate([[0], cuts])], np.split(items, cuts)):
+            per_user[int(user)] = np.unique(seq).astype(np.int32)
+    offsets = np.zeros(dm.data.num_users + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(seen) for seen in per_user])
+    flat = np.concatenate(per_user) if per_user else np.zeros(0, dtype=np.int32)
+    return offsets, flat.astype(np.int32)
+
+
 def _catalogue(dm) -> dict:
     import pandas as pd
 
@@ -254,9 +274,14 @@ def check_compatible(checkpoint: dict, registry, dm) -> None:
             raise ExportError(f"the model was trained with {name} {trained}, the data now has {now}")
 
 
-def _copy_cri(source: Path, target: Path, dim: int) -> int:
-    """A consistent copy of the SQLite instruction cache (WAL included); returns its usable rows."""
+def _copy_cri(source: Path, target: Path, dim: int, encoder: str) -> int:
+    """A consistent copy of the SQLite instruction cache (WAL included); returns its usable rows.
+
+    Refused if its vectors are not ``dim`` wide or not ``encoder``'s (re-encoding a sample of rows'
+    instruction text: the rows do not record their encoder, and hashed and MiniLM are both 384-d).
+    """
     from nestrec.oxygen.cri.cache import CRICache
+    from nestrec.serve.instructions import check_instruction_vectors
 
     if not source.is_file():
         raise ExportError(f"CRI cache {source} does not exist")
@@ -269,6 +294,7 @@ def _copy_cri(source: Path, target: Path, dim: int) -> int:
         raise ExportError(
             f"CRI cache {source} holds {sorted(wrong)}-d instruction vectors, the text encoder gives {dim}-d"
         )
+    check_instruction_vectors(records, encoder, f"CRI cache {source}")
     return len(records)
 
 
@@ -337,15 +363,25 @@ def export_artifact(settings: ExportSettings) -> Path:
         length = int(config.get("recent_len", 20)) + int(config.get("long_len", 100))
         # Profiles as the data module indexed them for training (0 = unknown value).
         profile = dm._profile.to(torch.int64)
+        seen_offsets, seen_items = _user_seen(dm)
         save_file(
-            {"history": torch.from_numpy(_user_histories(dm, length)), "profile": profile.contiguous()},
+            {
+                "history": torch.from_numpy(_user_histories(dm, length)),
+                "profile": profile.contiguous(),
+                "seen_offsets": torch.from_numpy(seen_offsets),
+                "seen_items": torch.from_numpy(seen_items),
+            },
             str(staging / fmt.USERS),
         )
         users = dm.data.users.sort_values("user")
         (staging / fmt.USER_IDS).write_text(json.dumps({"user_ids": [str(u) for u in users["user_id"]]}))
 
         cri_source = None if settings.cri.lower() == "none" else (settings.cri or trained_cri)
-        cri_rows = _copy_cri(Path(cri_source).expanduser(), staging / fmt.CRI, dim) if cri_source else None
+        cri_rows = (
+            _copy_cri(Path(cri_source).expanduser(), staging / fmt.CRI, dim, dm.hparams.text_encoder)
+            if cri_source
+            else None
+        )
 
         files = {
             name: {"bytes": (staging / name).stat().st_size, "sha256": sha256_file(staging / name)}

@@ -34,7 +34,7 @@ def build_service(settings):
 
     if not settings.artifact:
         raise UserInputError("artifact=DIR is required (a directory written by `python -m nestrec.export`)")
-    for name in ("max_batch", "max_batch_beams", "max_queue", "deadline_ms"):
+    for name in ("max_batch", "max_batch_beams", "max_queue", "deadline_ms", "max_body_bytes"):
         if getattr(settings, name) < 1:
             raise UserInputError(f"{name}={getattr(settings, name)} must be >= 1")
     if settings.max_wait_ms < 0:

@@ -5,14 +5,16 @@ Routes: ``POST /v1/recommend``, ``GET /v1/model`` (what is served and its limits
 /metrics`` (Prometheus text), and the framework's ``/openapi.json`` and ``/docs``.
 
 Status codes are part of the contract: 422 for any request the service will not answer as asked
-(with a one-line ``message`` or ``detail`` naming the field), 503 while warming up or when the
-queue is full, 504 when the request's deadline passes. A bad request never takes the process down.
+(with a one-line ``message`` or ``detail`` naming the field), 413 for a body over ``max_body_bytes``,
+503 while warming up or when the queue is full, 504 when the request's deadline passes. A bad
+request never takes the process down.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoint's annotations at
 # runtime, and the request model is a local built per artifact.
 
-from contextlib import asynccontextmanager
+import json
+from contextlib import asynccontextmanager, suppress
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -52,6 +54,73 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"detail": message}, status_code=status)
 
 
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodySizeLimitMiddleware:
+    """Pure ASGI middleware: a request body over ``max_bytes`` gets 413 with a one-line JSON ``detail``.
+
+    A declared ``Content-Length`` over the limit is refused before any of the body is read; a body
+    without one (chunked) is counted while it streams in and refused once it passes the limit, so a
+    client cannot make the service buffer an unbounded body either way.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def _message(self, size: str) -> bytes:
+        text = f"request body {size} exceeds the {self.max_bytes}-byte limit (the service's max_body_bytes)"
+        return json.dumps({"detail": text}).encode()
+
+    async def _refuse(self, send, size: str) -> None:
+        body = self._message(size)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await self._refuse(send, f"of {int(value)} bytes")
+                return
+        received, too_large, started = 0, False, False
+
+        async def limited_receive():
+            nonlocal received, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    too_large = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message):
+            nonlocal started
+            if too_large:  # whatever the app made of the aborted read, the answer is 413
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        with suppress(_BodyTooLarge):  # raised by limited_receive; the app may also have caught it
+            await self.app(scope, limited_receive, guarded_send)
+        if too_large and not started:
+            await self._refuse(send, f"of more than {self.max_bytes} bytes")
+
+
 def create_app(service: Service) -> FastAPI:
     art = service.artifact
     RecommendRequest = request_model(
@@ -73,6 +142,8 @@ def create_app(service: Service) -> FastAPI:
         "See docs/serving.md.",
         lifespan=lifespan,
     )
+    # Added first, so it runs inside the metrics middleware and 413s are counted too.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=service.settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)
 
     @app.exception_handler(RequestValidationError)
@@ -81,6 +152,10 @@ def create_app(service: Service) -> FastAPI:
         return JSONResponse({"message": _first_problem(exc.errors()), "detail": errors}, status_code=422)
 
     errors = {
+        413: {
+            "model": ErrorResponse,
+            "description": f"request body over {service.settings.max_body_bytes} bytes (max_body_bytes)",
+        },
         422: {"model": ValidationErrorResponse, "description": "invalid or meaningless request"},
         503: {"model": ErrorResponse, "description": "warming up, or too many requests queued"},
         504: {
@@ -135,6 +210,7 @@ def create_app(service: Service) -> FastAPI:
                 "max_queue": service.settings.max_queue,
             },
             "deadline_ms": service.settings.deadline_ms,
+            "max_body_bytes": service.settings.max_body_bytes,
         }
 
     @app.get("/healthz")

@@ -7,7 +7,8 @@ Layout (written by :mod:`nestrec.export`, read here)::
     registry.json        the item <-> SID registry (its version is what the weights were trained on)
     trie.safetensors     the prefix trie of legal SIDs (edges, leaf items, items under each node)
     catalogue.json       item ids, titles, years, genres; the genre vocabulary
-    users.safetensors    each known user's latest history and profile at export time
+    users.safetensors    each known user's latest history (the model's window), every item they
+                         interacted with (for exclude_history), and profile, at export time
     users.json           original user ids and the profile field names
     cri.sqlite           optional: a copy of the slow-thinking instruction cache
 
@@ -89,6 +90,10 @@ class Artifact:
     profiles: torch.Tensor  # [users, fields] int64, 0 = unknown value
     user_ids: list[str]
     cri_path: Path | None
+    # Every item each known user interacted with (CSR: user u's are seen_items[off[u]:off[u + 1]]);
+    # None in an artifact exported before these were stored: then ``seen`` is the stored history.
+    seen_offsets: np.ndarray | None = None
+    seen_items: np.ndarray | None = None
 
     @property
     def num_items(self) -> int:
@@ -121,6 +126,13 @@ class Artifact:
     @property
     def history_len(self) -> int:
         return int(self.histories.shape[1])
+
+    def seen(self, user: int) -> np.ndarray:
+        """Every item known user ``user`` interacted with before export (what exclude_history removes)."""
+        if self.seen_offsets is None or self.seen_items is None:
+            stored = self.histories[user]
+            return stored[stored > 0].cpu().numpy()
+        return self.seen_items[self.seen_offsets[user] : self.seen_offsets[user + 1]]
 
     def to(self, device: torch.device) -> Artifact:
         """Move what decoding touches (the model, the trie, the genre mask) to ``device``."""
@@ -171,6 +183,11 @@ def read_manifest(path: Path) -> dict:
         manifest = json.loads(file.read_text())
     except json.JSONDecodeError as err:
         raise ArtifactError(f"{file} is not valid JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(
+            f"{path} is not a nestrec OxygenREC serving artifact ({MANIFEST} holds a JSON "
+            f"{type(manifest).__name__}, not an object); re-export it"
+        )
     if manifest.get("format") != ARTIFACT_FORMAT:
         raise ArtifactError(
             f"{path} is not a nestrec OxygenREC serving artifact (format {manifest.get('format')!r})"
@@ -259,6 +276,10 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu", verify: 
         )
     users = load_file(str(path / USERS))
     user_meta = json.loads((path / USER_IDS).read_text())
+    if "seen_offsets" in users and len(users["seen_offsets"]) != len(user_meta["user_ids"]) + 1:
+        raise ArtifactError(
+            f"artifact {path}: {USERS} and {USER_IDS} disagree on the user count; re-export it"
+        )
     cri = path / CRI if manifest.get("cri") and (path / CRI).exists() else None
     artifact = Artifact(
         path=path,
@@ -273,5 +294,7 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu", verify: 
         profiles=users["profile"].long(),
         user_ids=[str(u) for u in user_meta["user_ids"]],
         cri_path=cri,
+        seen_offsets=users["seen_offsets"].numpy() if "seen_offsets" in users else None,
+        seen_items=users["seen_items"].numpy().astype(np.int64) if "seen_items" in users else None,
     )
     return artifact.to(torch.device(device))

@@ -14,12 +14,18 @@ Deadlines: a request that is past its deadline when its batch forms is dropped u
 whose deadline passes while its batch runs gets :class:`DeadlineExceeded` at once (the batch's
 work for it is discarded). A full queue answers :class:`Overloaded` instead of queueing work that
 would miss its deadline anyway.
+
+Robustness: the worker is one task for the whole service, so nothing a batch does may end it. A
+failing batch fails only its own requests (each is retried alone first); anything else that goes
+wrong in a round (a metrics hook, a result list of the wrong length) is logged, its requests get
+the error, and the worker takes the next batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 __all__ = ["DeadlineExceeded", "MicroBatcher", "Overloaded"]
+
+log = logging.getLogger(__name__)
 
 Q = TypeVar("Q")
 R = TypeVar("R")
@@ -111,14 +119,16 @@ class MicroBatcher(Generic[Q, R]):
             raise Overloaded(f"{self.max_queue} requests are already queued") from None
         try:
             return await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # two classes on Python 3.10, one from 3.11
             future.cancel()
             raise DeadlineExceeded(f"no result within the {timeout_s * 1000:.0f} ms deadline") from None
 
-    async def _collect(self) -> list[_Pending[Q, R]]:
+    async def _collect(self, batch: list[_Pending[Q, R]]) -> None:
+        """Fill ``batch`` (the caller's list, so a failure here still knows whom to answer)."""
         assert self._queue is not None
         first, self._carry = self._carry or await self._queue.get(), None
-        batch, cost = [first], self._cost(first.query)
+        batch.append(first)
+        cost = self._cost(first.query)
         fill_until = time.monotonic() + self.max_wait
         while len(batch) < self.max_batch:
             try:
@@ -129,46 +139,63 @@ class MicroBatcher(Generic[Q, R]):
                     break
                 try:
                     pending = await asyncio.wait_for(self._queue.get(), remaining)
-                except TimeoutError:
+                except (TimeoutError, asyncio.TimeoutError):  # two classes on Python 3.10
                     break
-            if cost + self._cost(pending.query) > self.max_cost:
+            batch.append(pending)  # answered by the caller's error path even if the cost check fails
+            cost += self._cost(pending.query)
+            if cost > self.max_cost:
+                batch.pop()
                 self._carry = pending  # first in line for the next batch
                 break
-            batch.append(pending)
-            cost += self._cost(pending.query)
-        return batch
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            batch = await self._collect()
-            now = time.monotonic()
-            live = []
-            for p in batch:
-                if p.future.done():  # its caller already gave up
-                    continue
-                if p.deadline <= now:
-                    p.future.set_exception(
-                        DeadlineExceeded("the deadline passed while the request was queued")
-                    )
-                    continue
-                live.append(p)
-            if not live:
-                continue
-            started = time.perf_counter()
+            batch: list[_Pending[Q, R]] = []
             try:
-                results = await loop.run_in_executor(self._pool, self._run_isolated, [p.query for p in live])
-            except Exception as err:  # the executor itself failed: every caller learns why
-                results = [err] * len(live)
-            if self._on_batch is not None:
+                await self._collect(batch)
+                await self._serve(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # never let one round end the worker
+                log.exception("micro-batcher: a batch of %d request(s) failed; serving on", len(batch))
+                failure = RuntimeError(f"the batch failed: {type(err).__name__}: {err}")
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(failure)
+
+    async def _serve(self, batch: list[_Pending[Q, R]]) -> None:
+        now = time.monotonic()
+        live = []
+        for p in batch:
+            if p.future.done():  # its caller already gave up
+                continue
+            if p.deadline <= now:
+                p.future.set_exception(DeadlineExceeded("the deadline passed while the request was queued"))
+                continue
+            live.append(p)
+        if not live:
+            return
+        started = time.perf_counter()
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self._run_isolated, [p.query for p in live]
+            )
+        except Exception as err:  # the executor itself failed: every caller learns why
+            results = [err] * len(live)
+        if len(results) != len(live):
+            raise RuntimeError(f"the model returned {len(results)} results for {len(live)} queries")
+        for p, result in zip(live, results):
+            if p.future.done():
+                continue
+            if isinstance(result, BaseException):
+                p.future.set_exception(result)
+            else:
+                p.future.set_result((result, len(live)))
+        if self._on_batch is not None:
+            try:
                 self._on_batch(len(live), time.perf_counter() - started)
-            for p, result in zip(live, results):
-                if p.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    p.future.set_exception(result)
-                else:
-                    p.future.set_result((result, len(live)))
+            except Exception:  # a metrics hook must not fail requests that already have results
+                log.exception("micro-batcher: the on_batch hook failed")
 
     def _run_isolated(self, queries: list[Q]) -> Sequence[R | BaseException]:
         """Run the batch; if it fails, run each query alone so one bad query fails only itself."""

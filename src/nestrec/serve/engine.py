@@ -26,7 +26,7 @@ __all__ = ["Query", "Ranked", "Recommender"]
 class Query:
     """One request after validation, in the model's vocabulary (ids, indices, vectors)."""
 
-    history: np.ndarray  # item ids, oldest first (any length; the newest history_len are used)
+    history: np.ndarray  # item ids, oldest first (any length; the model reads the newest history_len)
     profile: np.ndarray  # [fields] int64, 0 = unknown
     scenario: int  # index into the artifact's scenario list
     k: int
@@ -34,7 +34,8 @@ class Query:
     trigger_item: int = 0  # 0 = none
     trigger_genre: int = -1  # -1 = none; else the channel's genre index (restricts candidates)
     reasoning: np.ndarray | None = None  # [text_dim] float32; None = the learned default instruction
-    exclude_history: bool = False
+    exclude_history: bool = False  # never recommend an item of ``history`` (all of it) or ``seen``
+    seen: np.ndarray | None = None  # more items to exclude with exclude_history (a known user's full record)
 
 
 @dataclass
@@ -81,8 +82,12 @@ class Recommender:
         }
         return {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
 
-    def _item_mask(self, queries: list[Query], batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """Candidate pool per row: a channel's genre and/or everything but the history; None = all."""
+    def _item_mask(self, queries: list[Query]) -> torch.Tensor | None:
+        """Candidate pool per row: a channel's genre and/or everything but the history; None = all.
+
+        The history mask is built from the query's whole history (and ``seen``), not from the
+        model's window (``_batch``): an item older than the newest ``history_len`` is still history.
+        """
         if not any(q.trigger_genre >= 0 or q.exclude_history for q in queries):
             return None
         mask = torch.ones(len(queries), self.artifact.num_items + 1, dtype=torch.bool, device=self.device)
@@ -91,13 +96,16 @@ class Recommender:
             if q.trigger_genre >= 0:
                 mask[row] &= self.artifact.genre_item_mask[q.trigger_genre]
             if q.exclude_history:
-                mask[row, batch["history"][row]] = False
+                for items in (q.history, q.seen):
+                    if items is not None and len(items):
+                        index = torch.as_tensor(np.asarray(items), dtype=torch.long, device=self.device)
+                        mask[row, index] = False
         return mask
 
     @torch.inference_mode()
     def _run_group(self, queries: list[Query], beam: int) -> list[Ranked]:
         batch = self._batch(queries)
-        mask = self._item_mask(queries, batch)
+        mask = self._item_mask(queries)
         model = self.model
         encoded = model.encode(batch)
         if self.decoder is not None:

@@ -8,22 +8,81 @@
   re-read every ``refresh_s`` seconds in the background, so new rows appear without a restart
   and a request never waits on SQLite.
 * no cached row (or no cache at all): ``None``, i.e. the model's learned default instruction.
+
+Which text encoder wrote the cache: a cache row records its reasoner (``model``) and prompt version
+but not the text encoder that embedded the instruction, and the two encoders nestrec has (hashed
+and MiniLM) are both 384-d, so the vector width cannot tell them apart. What a row does record is
+the instruction text its vector was made from (the CRI job embeds ``instruction_text(row.text)``),
+so :func:`check_instruction_vectors` re-encodes a sample of rows with the artifact's encoder and
+refuses the cache unless the stored vectors are reproduced. Export runs it on the cache it copies,
+the service on every (re)load.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from nestrec.errors import UserInputError
-from nestrec.oxygen.cri.cache import CRICache
+from nestrec.oxygen.cri.cache import CRICache, CRIRecord
+from nestrec.oxygen.cri.prompt import instruction_text
 from nestrec.oxygen.text import encode_texts
 
-__all__ = ["InstructionSource"]
+__all__ = ["InstructionSource", "check_instruction_vectors"]
+
+#: Rows re-encoded per (reasoner, prompt version) when a cache is checked, spread over the rows.
+CHECK_ROWS = 8
+#: A row's vector must be this close (cosine) to the encoder's output for its text. The same
+#: encoder reproduces it to ~1e-6 (MiniLM on other hardware or in another batch to ~1e-4); another
+#: encoder gives an unrelated vector (|cosine| well under 0.5).
+MIN_COSINE = 0.99
+
+
+def check_instruction_vectors(
+    records: Sequence[CRIRecord], encoder: str, where: str, rows: int = CHECK_ROWS
+) -> None:
+    """Raise :class:`UserInputError` unless ``encoder`` reproduces the sampled rows' vectors.
+
+    The sample is up to ``rows`` rows per (reasoner, prompt version), since each such group is one
+    job's output; rows without a vector (fallbacks) are skipped.
+    """
+    groups: dict[tuple[str, str], list[CRIRecord]] = defaultdict(list)
+    for record in records:
+        if record.vector is not None:
+            groups[(record.model, record.prompt_version)].append(record)
+    sample: list[CRIRecord] = []
+    for group in groups.values():
+        step = max(1, len(group) // rows)
+        sample += group[::step][:rows]
+    if not sample:
+        return
+    texts = []
+    for record in sample:
+        try:
+            texts.append(instruction_text(json.loads(record.text or "")))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise UserInputError(
+                f"{where}: row (user {record.user}, window {record.window}) has a vector but no parsable "
+                f"instruction text, so its text encoder cannot be checked; regenerate the cache"
+            ) from None
+    expected = encode_texts(texts, encoder).numpy().astype(np.float64)
+    for record, want in zip(sample, expected):
+        got = record.vector.astype(np.float64)
+        norms = float(np.linalg.norm(got) * np.linalg.norm(want))
+        cosine = float(got @ want) / norms if norms > 0 else float(np.allclose(got, want))
+        if cosine < MIN_COSINE:
+            raise UserInputError(
+                f"{where}: instruction vectors were not made by the artifact's {encoder!r} text encoder "
+                f"(row user {record.user}, window {record.window}, reasoner {record.model!r}: cosine "
+                f"{cosine:.2f} with {encoder!r} of its instruction text; rows do not record their encoder, "
+                f"so this re-encodes a sample); regenerate the cache with text_encoder={encoder}"
+            )
 
 
 class InstructionSource:
@@ -53,6 +112,7 @@ class InstructionSource:
         if self.cri_path is None:
             return 0
         vectors: dict[int, np.ndarray] = {}
+        served: list[CRIRecord] = []
         with CRICache(self.cri_path) as cache:
             for user in sorted({r.user for r in cache.records(include_fallback=False)}):
                 record = cache.latest(user)
@@ -64,6 +124,8 @@ class InstructionSource:
                         f"the artifact's {self.encoder!r} text encoder gives {self.dim}-d"
                     )
                 vectors[int(user)] = record.vector.astype(np.float32)
+                served.append(record)
+        check_instruction_vectors(served, self.encoder, f"CRI cache {self.cri_path}")
         with self._lock:
             self._vectors = vectors
             self.loaded_at = time.time()

@@ -7,6 +7,10 @@ the request, is served from the profile token alone: unknown profile values, an 
 the cached instruction if the slow-thinking cache has one for that id, else the learned default.
 The model was trained with short and empty histories, so this is its own prior over the catalogue
 for the scenario, not an error. ``related`` still needs an item to relate to.
+
+``exclude_history`` removes every item of the history in use, not only the newest ``history_len``
+the model reads: all of a request's ``history`` (up to 1,000 items), or for a known user without
+one, every item they interacted with before export.
 """
 
 from __future__ import annotations
@@ -81,6 +85,12 @@ def resolve(req: BaseModel, artifact: Artifact, instructions: InstructionSource)
         if not trigger_item:
             raise RequestError("scenario 'related' needs trigger_item or a non-empty history to relate to")
     if req.scenario == "channel":
+        if not artifact.genres:
+            raise RequestError(
+                "scenario 'channel' is not available: this artifact's catalogue has no genres to browse"
+            )
+        if req.genre not in artifact.genres:  # the schema enumerates them; this guards other callers
+            raise RequestError(f"unknown genre {req.genre!r}; known: {', '.join(artifact.genres)}")
         trigger_genre = artifact.genres.index(req.genre)
 
     reasoning, instruction, query_text = None, "default", None
@@ -100,5 +110,7 @@ def resolve(req: BaseModel, artifact: Artifact, instructions: InstructionSource)
         trigger_genre=trigger_genre,
         reasoning=reasoning,
         exclude_history=req.exclude_history,
+        # A known user's stored history is cut to the model's window; exclude everything they saw.
+        seen=artifact.seen(req.user) if req.exclude_history and source == "stored" else None,
     )
     return Resolved(query, req.user, cold_start, source, instruction, query_text)

@@ -42,6 +42,7 @@ class ServeSettings:
     max_wait_ms: float = setting(0.0, "wait this long for a batch to fill; 0 = batch only what is queued")
     max_queue: int = setting(256, "waiting requests beyond this get 503")
     deadline_ms: int = setting(1000, "default per-request deadline in ms (504 when missed)")
+    max_body_bytes: int = setting(1 << 20, "larger request bodies get 413 (default 1 MiB)")
     threads: int = setting(1, "torch intra-op threads (0 = torch's default; 1 is fastest on shared CPUs)")
     verify: bool = setting(True, "check every artifact file's SHA-256 at start-up")
     log_level: str = setting("warning", "uvicorn's log level")

@@ -120,6 +120,20 @@ def test_reward_map_per_scenario_by_hand():
     assert torch.allclose(reward[1], 2 * z([0.2, 0.4, 0.6]), atol=1e-5)
     # diversity: mean Hamming fraction to the others: row 1 = [(0+1)/2, (0+1)/2, (1+1)/2]
     assert torch.allclose(raw["diversity"][1], torch.tensor([0.5, 0.5, 1.0]))
+    assert not raw["engagement"].any()  # no logged SID given: the term is off
+
+
+def test_engagement_is_the_shared_sid_prefix_with_the_logged_item():
+    reward_map = UnifiedRewardMap({"homepage": {"weights": {"engagement": 1.0}}}, HEADS)
+    sids = torch.tensor([[[1, 2, 3], [1, 2, 0], [1, 0, 3], [0, 2, 3]]])
+    legal = torch.ones(1, 4, dtype=torch.bool)
+    heads = {h: torch.zeros(1, 4) for h in HEADS}
+    reward, raw = reward_map(
+        torch.tensor([0]), legal, torch.zeros(1, 4), heads, sids, torch.tensor([[1, 2, 3]])
+    )
+    # prefix agreement, not position-wise agreement: [1,0,3] shares only its first level
+    assert torch.allclose(raw["engagement"][0], torch.tensor([1.0, 2 / 3, 1 / 3, 0.0]))
+    assert reward[0].argmax() == 0 and torch.all(reward[0, :-1] > reward[0, 1:])
 
 
 def test_reward_map_rejects_bad_config_with_one_line_errors():

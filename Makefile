@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 # Override to pick another build, e.g. `make TORCH_SPEC="torch==2.13.0+cu128" test` on a GPU host.
 TORCH_SPEC ?= torch==2.13.0
-RECIPE ?= sasrec_ml1m
+RECIPE ?= oxygenrec_multi
 ARGS ?=
 BIN := $(VENV)/bin
 

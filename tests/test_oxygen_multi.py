@@ -138,3 +138,15 @@ def test_alignment_config_errors():
         _policy("sagcpo", group_size=1)
     with pytest.raises(ConfigError, match="unknown rollout"):
         _policy("sagcpo", rollout="greedy")
+
+
+def test_the_logged_item_joins_every_group_once():
+    module = _policy("sagcpo")
+    batch = _batch()
+    tokens, items, valid = module.rollout(module.model, module.model.encode(batch), batch, None)
+    tokens, items, valid = module._with_logged_item(batch, tokens, items, valid)
+    target = batch["target"].unsqueeze(1)
+    assert ((items == target).sum(1) >= 1).all()
+    rows, cols = (items == target).nonzero(as_tuple=True)
+    assert torch.equal(tokens[rows, cols], module.model.sid_codes[batch["target"][rows]])
+    assert valid[rows, cols].all()

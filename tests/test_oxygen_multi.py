@@ -56,6 +56,22 @@ def test_oxygenrec_multi_runs_every_stage_and_reuses_finished_ones(tmp_path):
     )
 
 
+@pytest.mark.slow
+def test_oxygenrec_multi_on_two_processes_under_nestpipe(tmp_path):
+    """Every stage on 2 gloo ranks: the cri job runs once (before the launcher starts rank 1, which
+    then reuses it), the Lightning stages run on both ranks, rank 0 writes the summary."""
+    run_dir = tmp_path / "run"
+    args = [*FIXTURE, "strategy=nestpipe", "trainer.devices=2", "+strategy.find_unused_parameters=true",
+            "logger=csv", f"hydra.run.dir={run_dir}"]  # fmt: skip
+    result = run_nestrec(args, tmp_path, env_extra={"NESTREC_DATA_DIR": str(tmp_path / "data")})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("stage cri: running") == 1
+    assert "stage cri: finished earlier, reusing" in result.stdout  # rank 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stages"]["cri"]["stats"]["generated"] > 0
+    assert 0.0 <= summary["metrics"]["align/test/overall/ndcg@10"] <= 1.0
+
+
 def test_bad_stage_and_reward_config_fail_with_one_line_errors(tmp_path):
     env = {"NESTREC_DATA_DIR": str(tmp_path / "data")}
     result = run_nestrec([*FIXTURE, "stages.order=[cri,pretrain,magic]"], tmp_path, env_extra=env)

@@ -44,11 +44,13 @@ def test_oxygenrec_multi_runs_every_stage_and_reuses_finished_ones(tmp_path):
     for stage in ("pretrain", "ranker", "align"):
         assert list(Path(summary["stages"][stage]["dir"]).glob("wandb/offline-run-*")), stage
 
-    second = run_nestrec([*args, "stages.force=[align]"], tmp_path, env_extra=env)
+    # Forcing the ranker re-runs it and what depends on it (align), and reuses the rest.
+    second = run_nestrec([*args, "stages.force=[ranker]"], tmp_path, env_extra=env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    for stage in ("cri", "pretrain", "ranker"):
+    for stage in ("cri", "pretrain"):
         assert f"stage {stage}: finished earlier, reusing" in second.stdout
-    assert "stage align: running" in second.stdout
+    for stage in ("ranker", "align"):
+        assert f"stage {stage}: running" in second.stdout
     again = json.loads((run_dir / "summary.json").read_text())
     assert (
         again["metrics"]["pretrain/test/overall/ndcg@10"]
@@ -142,7 +144,9 @@ def test_one_alignment_step_per_method_updates_only_the_policy(method, rollout):
     assert not any(k.startswith("ranker.") for k in changed)
     assert 0.0 <= float(logged["rl/suppressed_fraction"]) <= 1.0
     if method in ("sagcpo", "sapo"):
-        assert float(logged["rl/gate_weight"]) <= 1.0 + 1e-6
+        assert float(logged["rl/gate_weight"]) == pytest.approx(
+            1.0, abs=0.05
+        )  # ratios near 1 after 2 small steps
     if method != "sagcpo":
         assert float(logged["rl/suppressed_fraction"]) == 0.0
 

@@ -82,10 +82,28 @@ class StageRunner:
         upstream = [self.keys[d] for d in _DEPENDS[name] if d in self.keys]
         model = _plain(cfg.model) if name in ("pretrain", "align") else None
         reward = _plain(cfg.reward) if name == "align" else None
+        if name == "cri":
+            from nestrec.oxygen.cri.prompt import PROMPT_VERSION
+
+            how = PROMPT_VERSION
+        else:  # what shapes a Lightning stage's result besides its own block
+            how = [_plain(cfg.trainer), _plain(cfg.strategy), cfg.run.monitor, cfg.run.monitor_mode]
         self.keys[name] = _key(
-            name, _plain(cfg.stages[name]), _plain(cfg.data), model, reward, upstream, cfg.seed, self.caps
+            name,
+            _plain(cfg.stages[name]),
+            _plain(cfg.data),
+            model,
+            reward,
+            how,
+            upstream,
+            cfg.seed,
+            self.caps,
         )
         return self.root / f"{name}-{self.keys[name]}"
+
+    def _forced(self, name: str) -> bool:
+        """Forced, or downstream of a forced stage (its inputs are about to change)."""
+        return name in self.force or any(self._forced(d) for d in _DEPENDS[name] if d in self.order)
 
     def _done(self, directory: Path) -> dict | None:
         marker = directory / "stage.json"
@@ -103,7 +121,10 @@ class StageRunner:
         self.datamodule.setup("fit")
         for name in self.order:
             directory = self.stage_dir(name)
-            done = None if name in self.force else self._done(directory)
+            forced = self._forced(name)
+            if name == "cri" and not self._is_rank_zero():
+                forced = False  # rank 0 (re)ran it before the launcher started this rank
+            done = None if forced else self._done(directory)
             if done is not None:
                 print(f"[nestrec] stage {name}: finished earlier, reusing {directory}", flush=True)
             else:
@@ -132,6 +153,9 @@ class StageRunner:
         path = directory / "cri.sqlite"
         if not self._is_rank_zero():  # other ranks never get here before rank 0 finished (see module doc)
             raise RuntimeError("the cri stage must finish on rank 0 before other ranks start")
+        if self._forced("cri"):  # forced: regenerate every window, not resume from the old cache
+            for stale in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+                stale.unlink(missing_ok=True)
         dm = self.datamodule
         if spec.backend == "rules":
             backend = RuleBasedReasoner()
@@ -346,8 +370,9 @@ def run_stages(cfg: DictConfig, output_dir: Path, recipe: str | None) -> tuple[d
         columns = [c.replace("SA-GCPO", label) for c in COMPARISON_COLUMNS]
         rows = comparison_rows(results, list(runner.datamodule.hparams.scenarios))
         table = markdown_table(columns, rows)
-        (output_dir / "comparison.md").write_text(table + "\n")
-        print(table, flush=True)
+        if runner._is_rank_zero():
+            (output_dir / "comparison.md").write_text(table + "\n")
+            print(table, flush=True)
         logger = getattr(runner, "_loggers", {}).get("align")
         if logger is not None and hasattr(logger, "log_table"):
             logger.log_table(key="comparison", columns=columns, data=rows)

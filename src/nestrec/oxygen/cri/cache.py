@@ -145,7 +145,11 @@ class CRICache:
         )
         out = []
         for user, window, as_of, model, version, status, text, blob, attempts, checksum in cursor:
-            vector = None if blob is None else np.frombuffer(blob, dtype=np.float32).copy()
+            try:
+                vector = None if blob is None else np.frombuffer(blob, dtype=np.float32).copy()
+            except ValueError:  # a truncated blob (not a multiple of 4 bytes): corrupt, not a crash
+                self.corrupt.add((user, window))
+                continue
             record = CRIRecord(user, window, as_of, model, version, status, text, vector, attempts)
             if record.checksum() != checksum or (status == "ok" and vector is None):
                 self.corrupt.add((user, window))
@@ -176,7 +180,12 @@ class CRICache:
         return self._index
 
     def latest(self, user: int, as_of: float | None = None) -> CRIRecord | None:
-        """Newest usable instruction of ``user`` whose window started at or before ``as_of``."""
+        """Newest usable instruction of ``user`` whose window started at or before ``as_of``.
+
+        Fallback rows (the reasoner failed for that window) are skipped, so the previous good
+        instruction stays in force — as in production, where a failed regeneration leaves the
+        user's stored instruction in place — and a user with none gets the learned default.
+        """
         entry = self._build_index().get(int(user))
         if entry is None:
             return None

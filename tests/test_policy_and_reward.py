@@ -149,3 +149,17 @@ def test_reward_map_rejects_bad_config_with_one_line_errors():
         UnifiedRewardMap({}, HEADS)
     with pytest.raises(ConfigError, match="no entry for trained scenario"):
         _map().check_covers(["homepage", "related"])
+
+
+def test_absent_candidates_neither_score_nor_shift_the_normalisation():
+    reward_map = UnifiedRewardMap({"homepage": {"weights": {"ranking": 1.0, "diversity": 0.5}}}, HEADS)
+    watch = torch.tensor([[0.2, 0.5, 0.9]])
+    sids = torch.tensor([[[0, 1], [0, 2], [1, 1]]])
+    base, _ = reward_map(torch.tensor([0]), torch.ones(1, 3, dtype=torch.bool), torch.zeros(1, 3),
+                         {"watch": watch, "like": torch.zeros(1, 3), "love": torch.zeros(1, 3)}, sids)  # fmt: skip
+    padded, _ = reward_map(
+        torch.tensor([0]), torch.tensor([[True, True, True, False]]), torch.zeros(1, 4),
+        {"watch": torch.cat([watch, torch.zeros(1, 1)], 1), "like": torch.zeros(1, 4), "love": torch.zeros(1, 4)},
+        torch.cat([sids, torch.zeros(1, 1, 2, dtype=torch.long)], 1), present=torch.tensor([[True, True, True, False]]),
+    )  # fmt: skip
+    assert torch.allclose(padded[0, :3], base[0], atol=1e-6) and padded[0, 3] == 0

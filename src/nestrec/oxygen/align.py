@@ -174,7 +174,7 @@ class SAGCPOModule(OxygenPretrainModule):
         return torch.where((batch["scenario"] == related).unsqueeze(-1), trigger, context)
 
     @torch.no_grad()
-    def rewards(self, batch, items, tokens, valid):
+    def rewards(self, batch, items, tokens, valid, produced=None):
         """Rewards ``[B, G]``, the ground truth's ``R* [B]`` and raw components (GT column last)."""
         if self.ranker is None:
             raise ConfigError("SAGCPOModule needs a trained ranker (the ranker stage) to score rollouts")
@@ -192,6 +192,7 @@ class SAGCPOModule(OxygenPretrainModule):
             {k: v.cpu() for k, v in heads.items()},
             all_tokens.cpu(),
             self.model.sid_codes[target].cpu(),
+            None if produced is None else torch.cat([produced, torch.ones_like(produced[:, :1])], 1).cpu(),
         )
         reward = reward.to(self.device)
         return reward[:, :-1], reward[:, -1], {k: v.to(self.device) for k, v in raw.items()}
@@ -234,7 +235,8 @@ class SAGCPOModule(OxygenPretrainModule):
             hit = (items == batch["target"].unsqueeze(1)).any(1).float().mean()
             if hp.include_logged:
                 tokens, items, valid = self._with_logged_item(batch, tokens, items, valid)
-            reward, gt_reward, raw = self.rewards(batch, items, tokens, valid)
+            produced = produced | (items == batch["target"].unsqueeze(1))  # the logged item's slot
+            reward, gt_reward, raw = self.rewards(batch, items, tokens, valid, produced)
             # Unconstrained samples stay in the group even when illegal: the format reward teaches.
             valid = torch.ones_like(valid) if hp.rollout == "sample_unconstrained" else valid & (items > 0)
             advantages = group_advantages(reward, valid)

@@ -134,20 +134,25 @@ class UnifiedRewardMap:
         heads: Mapping[str, torch.Tensor],
         sids: torch.Tensor,
         logged_sid: torch.Tensor | None = None,
+        present: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Rewards ``[B, N]`` and raw components for ``N`` candidates per row (GT included by caller).
 
         ``legal [B, N]`` bool, ``relevance [B, N]``, ``heads[name] [B, N]``, ``sids [B, N, L]``,
-        ``logged_sid [B, L]`` the SID of the item the user engaged with (None: no engagement term).
+        ``logged_sid [B, L]`` the SID of the item the user engaged with (None: no engagement term);
+        ``present [B, N]`` which entries are candidates at all (spare beams of a small candidate pool
+        are not): absent entries get reward 0 and count neither in diversity nor in normalisation.
         """
         b, n = legal.shape
+        present = torch.ones_like(legal) if present is None else present.bool()
         ranking = torch.zeros(b, n)
         for s, expression in self.values.items():
             rows = scenario == s
             if rows.any():
                 ranking[rows] = expression({k: v[rows] for k, v in heads.items()}).float()
         differ = (sids.unsqueeze(2) != sids.unsqueeze(1)).float().mean(-1)  # [B, N, N]
-        diversity = differ.sum(-1) / max(n - 1, 1)
+        others = present.unsqueeze(1) & present.unsqueeze(2) & ~torch.eye(n, dtype=torch.bool).unsqueeze(0)
+        diversity = (differ * others).sum(-1) / others.sum(-1).clamp(min=1)
         raw = {
             "format": legal.float(),
             "relevance": relevance.float() * legal,
@@ -167,8 +172,8 @@ class UnifiedRewardMap:
                 weight = float(self.weights[s, t])
                 if weight == 0.0:
                     continue
-                values = raw[term][rows]
-                std = values.std(unbiased=False)
-                normalised = (values - values.mean()) / std if std > self.eps else torch.zeros_like(values)
-                reward[rows] += weight * normalised
+                values, counted = raw[term][rows], present[rows]
+                mean, std = values[counted].mean(), values[counted].std(unbiased=False)
+                normalised = (values - mean) / std if std > self.eps else torch.zeros_like(values)
+                reward[rows] += weight * normalised * counted
         return reward, raw

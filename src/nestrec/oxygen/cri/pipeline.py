@@ -19,6 +19,7 @@ It is a plain job, not a training step (no LLM ever runs on the request or train
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -40,7 +41,7 @@ from nestrec.oxygen.cri.prompt import (
     parse_instruction,
 )
 
-__all__ = ["CRIJob", "CRIStats", "build_context", "plan_windows"]
+__all__ = ["CRIJob", "CRIStats", "ContextBuilder", "build_context", "plan_windows"]
 
 log = logging.getLogger(__name__)
 
@@ -77,40 +78,49 @@ def plan_windows(
     return [(u, w) for u in sorted(chosen) for w in sorted(times[u])]
 
 
+class ContextBuilder:
+    """Indexes a dataset once (interactions per user, items and users by id) for many contexts.
+
+    The job builds one context per (user, window); re-grouping the interactions or re-indexing the
+    catalogue for each of them would dominate a rules-backend run.
+    """
+
+    def __init__(self, data: Dataset):
+        self.data = data
+        self.rows_by_user = {int(u): frame for u, frame in data.interactions.groupby("user", sort=False)}
+        self.items = data.items.set_index("item")
+        self.users = data.users.set_index("user")
+        self.empty = data.interactions.iloc[0:0]
+
+    def build(self, user: int, window: int, window_seconds: int = 300, recent: int = 10) -> UserContext:
+        """The reasoner's view of ``user`` at the start of ``window``: only strictly earlier behaviour."""
+        as_of = float(window * window_seconds)
+        inter = self.rows_by_user.get(int(user), self.empty)
+        before = inter[inter["timestamp"].to_numpy() < as_of].tail(recent)
+        items = self.items.loc[before["item"].to_numpy()]
+        rows = [
+            {
+                "title": str(title),
+                "genres": str(genres),
+                "year": None if year != year else int(year),  # NaN-safe
+                "rating": None if rating != rating else float(rating),
+            }
+            for title, genres, year, rating in zip(
+                items["title"], items["genres"], items["year"], before.get("rating", [None] * len(before))
+            )
+        ]
+        profile = {}
+        if int(user) in self.users.index:
+            row = self.users.loc[int(user)]
+            profile = {k: str(row[k]) for k in ("gender", "age", "occupation") if k in row.index}
+        return UserContext(user, window, as_of, profile, rows, list(self.data.genre_vocab))
+
+
 def build_context(
     data: Dataset, user: int, window: int, window_seconds: int = 300, recent: int = 10
 ) -> UserContext:
-    """The reasoner's view of ``user`` at the start of ``window``: only strictly earlier behaviour."""
-    as_of = float(window * window_seconds)
-    inter = _user_rows(data, user)
-    before = inter[inter["timestamp"].to_numpy() < as_of].tail(recent)
-    items = data.items.set_index("item").loc[before["item"].to_numpy()]
-    rows = [
-        {
-            "title": str(title),
-            "genres": str(genres),
-            "year": None if year != year else int(year),  # NaN-safe
-            "rating": None if rating != rating else float(rating),
-        }
-        for title, genres, year, rating in zip(
-            items["title"], items["genres"], items["year"], before.get("rating", [None] * len(before))
-        )
-    ]
-    profile_row = data.users.loc[data.users["user"] == user]
-    profile = {
-        k: str(profile_row[k].iloc[0])
-        for k in ("gender", "age", "occupation")
-        if k in profile_row and len(profile_row)
-    }
-    return UserContext(user, window, as_of, profile, rows, list(data.genre_vocab))
-
-
-def _user_rows(data: Dataset, user: int):
-    cache = data.__dict__.setdefault("_rows_by_user", {})
-    if not cache:
-        for uid, frame in data.interactions.groupby("user", sort=False):
-            cache[int(uid)] = frame
-    return cache.get(int(user), data.interactions.iloc[0:0])
+    """One context without keeping an index (see :class:`ContextBuilder` for many)."""
+    return ContextBuilder(data).build(user, window, window_seconds, recent)
 
 
 @dataclass
@@ -149,6 +159,7 @@ class CRIJob:
         if max_retries < 0 or batch_size < 1:
             raise ValueError("max_retries must be >= 0 and batch_size >= 1")
         self.backend, self.cache, self.encoder, self.data = backend, cache, encoder, data
+        self.contexts = ContextBuilder(data)
         self.window_seconds, self.recent = window_seconds, recent
         self.batch_size, self.max_retries, self.retry_backoff_s = batch_size, max_retries, retry_backoff_s
         self.progress = progress
@@ -164,7 +175,7 @@ class CRIJob:
         bar = tqdm(total=len(todo), desc="CRI", unit="window", disable=not self.progress)
         for start in range(0, len(todo), self.batch_size):
             batch = todo[start : start + self.batch_size]
-            contexts = [build_context(self.data, u, w, self.window_seconds, self.recent) for u, w in batch]
+            contexts = [self.contexts.build(u, w, self.window_seconds, self.recent) for u, w in batch]
             answers = self._answer([build_prompt(c) for c in contexts], stats)
             self.cache.put_many(self._records(contexts, answers, stats))
             bar.update(len(batch))
@@ -241,6 +252,4 @@ class CRIJob:
 
 
 def _dumps(value: dict) -> str:
-    import json
-
     return json.dumps(value, ensure_ascii=False, sort_keys=True)

@@ -75,3 +75,68 @@ def test_exclude_history_masks_seen_items(tmp_path):
     assert not (set(seen.tolist()) - {int(batch["target"][0])}) & set(
         torch.nonzero(mask[0]).flatten().tolist()
     )
+
+
+def test_lr_factor_warms_up_then_decays_to_zero():
+    from nestrec.baselines.sasrec import lr_factor
+
+    cosine = lr_factor("cosine", warmup_steps=4, total_steps=14)
+    assert [cosine(t) for t in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    decay = [cosine(t) for t in range(4, 15)]
+    assert decay[0] == 1.0 and abs(decay[5] - 0.5) < 1e-9 and decay[-1] == 0.0
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    assert lr_factor("constant", 0, None)(10_000) == 1.0
+
+
+def test_cosine_schedule_drives_the_optimizer_lr(tmp_path):
+    dm = _datamodule(tmp_path)
+    model = SASRecModule(**dm.model_kwargs(), dim=16, lr=1e-2, lr_schedule="cosine", warmup_steps=2)
+    seen: list[float] = []
+
+    class RecordLr(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, callbacks=[RecordLr()])  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    steps = trainer.estimated_stepping_batches
+    assert len(seen) == steps >= 4
+    assert seen[0] == 5e-3 and seen[1] == 1e-2  # warm-up: 1/2, then 2/2 of the base lr
+    # Cosine from the end of warm-up: full lr once more, then strictly decaying.
+    assert seen[2] == 1e-2 and all(a > b for a, b in zip(seen[2:], seen[3:]))
+    assert seen[-1] < 1e-2 * 0.5
+
+
+def test_schedule_config_errors_name_the_problem():
+    import pytest
+
+    from nestrec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="lr_schedule 'linear'"):
+        SASRecModule(num_items=10, max_len=5, dim=8, lr_schedule="linear")
+    with pytest.raises(ConfigError, match="embedding=dense"):
+        SASRecModule(num_items=10, max_len=5, dim=8, embedding="sharded", lr_schedule="cosine")
+    from nestrec.baselines.sasrec import lr_factor
+
+    with pytest.raises(ConfigError, match="finite trainer.max_epochs"):
+        lr_factor("cosine", 0, float("inf"))
+
+
+def test_cosine_similarity_bounds_scores_and_still_learns(tmp_path):
+    pl.seed_everything(0)
+    dm = _datamodule(tmp_path)
+    model = SASRecModule(**dm.model_kwargs(), dim=32, lr=3e-3, ks=(10,), similarity="cosine", temperature=0.1)
+    batch = next(iter(dm.test_dataloader()))
+    scores = model.score_items(batch)
+    assert scores.abs().max() <= 1 / 0.1 + 1e-4  # |cos| <= 1, over the temperature
+    trainer = pl.Trainer(max_epochs=25, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, check_val_every_n_epoch=25)  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    assert trainer.test(model, datamodule=dm, verbose=False)[0]["test/hr@10"] > 0.35  # random: 10/80
+    import pytest
+
+    from nestrec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="similarity 'l2'"):
+        SASRecModule(num_items=10, max_len=5, dim=8, similarity="l2")

@@ -77,9 +77,17 @@ class SASRec(nn.Module):
         dropout: float = 0.2,
         attention_dropout: float = 0.0,
         input_embedding: nn.Module | None = None,
+        similarity: str = "dot",
+        temperature: float = 0.05,
     ):
         super().__init__()
+        if similarity not in ("dot", "cosine"):
+            raise ConfigError(f"unknown SASRec similarity {similarity!r}; expected dot or cosine")
+        if similarity == "cosine" and not temperature > 0:
+            raise ConfigError(f"SASRec temperature must be > 0 for cosine similarity, got {temperature}")
         self.num_items = num_items
+        self.similarity = similarity
+        self.temperature = temperature
         # Output item matrix (and, unless a sharded input table is given, the tied input table).
         self.item_embedding = nn.Embedding(num_items + 1, dim, padding_idx=0)
         self.input_embedding = input_embedding
@@ -119,8 +127,21 @@ class SASRec(nn.Module):
         return self.final_norm(x)
 
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Dot-product scores of hidden states against every item (tied embeddings)."""
-        return hidden @ self.item_embedding.weight.t()
+        """Scores of hidden states against every item (tied embeddings; column 0 is padding)."""
+        return self.similarity_to(hidden, self.item_embedding.weight)
+
+    def similarity_to(self, hidden: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """``hidden [..., D]`` against item rows ``[N, D]`` → ``[..., N]``.
+
+        ``cosine`` L2-normalises both sides and divides by a temperature (the retrieval set-up of
+        Zhai et al. 2023 that the HSTU paper's SASRec numbers use): bounded logits keep popular
+        items' norms from dominating the softmax, which speeds up and steadies training.
+        """
+        if self.similarity == "cosine":
+            hidden = F.normalize(hidden, dim=-1)
+            items = F.normalize(items, dim=-1)
+            return hidden @ items.t() / self.temperature
+        return hidden @ items.t()
 
 
 class SASRecModule(NextItemRecommender):
@@ -138,6 +159,10 @@ class SASRecModule(NextItemRecommender):
         loss: str = "ce",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        lr_schedule: str = "constant",
+        warmup_steps: int = 0,
+        similarity: str = "dot",
+        temperature: float = 0.05,
         ks: tuple[int, ...] = (1, 5, 10, 20, 50),
         exclude_history: bool = False,
         genre_item_mask: torch.Tensor | None = None,
@@ -152,6 +177,14 @@ class SASRecModule(NextItemRecommender):
             raise ConfigError(f"unknown SASRec loss {loss!r}; expected ce or bce")
         if embedding not in ("dense", "sharded"):
             raise ConfigError(f"unknown SASRec embedding {embedding!r}; expected dense or sharded")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"unknown SASRec lr_schedule {lr_schedule!r}; expected constant or cosine")
+        if embedding == "sharded" and (lr_schedule != "constant" or warmup_steps):
+            # The row-wise sparse optimizer of the sharded table keeps a fixed lr; scheduling only
+            # the dense side would silently train the two halves on different schedules.
+            raise ConfigError(
+                "SASRec lr_schedule/warmup_steps need embedding=dense (the sharded table's lr is fixed)"
+            )
         self.save_hyperparameters(ignore=["genre_item_mask"])
         sharded = (
             ShardedItemEmbedding(num_items, dim, sparse_optimizer, sparse_lr, sharding, seed)
@@ -159,7 +192,16 @@ class SASRecModule(NextItemRecommender):
             else None
         )
         self.model = SASRec(
-            num_items, max_len, dim, blocks, heads, dropout, attention_dropout, input_embedding=sharded
+            num_items,
+            max_len,
+            dim,
+            blocks,
+            heads,
+            dropout,
+            attention_dropout,
+            input_embedding=sharded,
+            similarity=similarity,
+            temperature=temperature,
         )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -177,12 +219,12 @@ class SASRecModule(NextItemRecommender):
         hidden, target = hidden[present], target[present]
         if self.hparams.loss == "ce":
             # Score real items only (skip the padding row) instead of masking a copy of the logits.
-            logits = hidden @ self.model.item_embedding.weight[1:].t()
+            logits = self.model.similarity_to(hidden, self.model.item_embedding.weight[1:])
             return F.cross_entropy(logits, target - 1, reduction=reduction)
         negatives = torch.randint(1, self.num_items + 1, target.shape, device=target.device)
         weight = self.model.item_embedding.weight
-        pos = (hidden * weight[target]).sum(-1)
-        neg = (hidden * weight[negatives]).sum(-1)
+        pos = self._pair_scores(hidden, weight[target])
+        neg = self._pair_scores(hidden, weight[negatives])
         per_pair = F.binary_cross_entropy_with_logits(
             torch.stack([pos, neg], 1),
             torch.stack([torch.ones_like(pos), torch.zeros_like(neg)], 1),
@@ -190,14 +232,48 @@ class SASRecModule(NextItemRecommender):
         ).mean(1)
         return per_pair.sum() if reduction == "sum" else per_pair.mean()
 
+    def _pair_scores(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Row-wise score of each hidden state against its own item row (the ``bce`` loss)."""
+        if self.model.similarity == "cosine":
+            return (F.normalize(hidden, dim=-1) * F.normalize(rows, dim=-1)).sum(-1) / self.model.temperature
+        return (hidden * rows).sum(-1)
+
     def score_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = self.model(batch["history"])[:, -1]
         return self.model.scores(hidden)
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(
+        optimizer = torch.optim.AdamW(
             self.parameters(), lr=self.hparams.lr, betas=(0.9, 0.98), weight_decay=self.hparams.weight_decay
         )
+        if self.hparams.lr_schedule == "constant" and not self.hparams.warmup_steps:
+            return optimizer
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else None
+        factor = lr_factor(self.hparams.lr_schedule, self.hparams.warmup_steps, total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def lr_factor(schedule: str, warmup_steps: int, total_steps: float | None):
+    """Multiplier of the base lr at optimizer step ``t``: linear warm-up, then constant or cosine to 0.
+
+    Why cosine: on a fixed epoch budget SASRec is still improving when training stops (it is far
+    from converged on a CPU budget); decaying the lr to zero over that budget ends at a better point
+    than stopping mid-plateau at full lr. ``total_steps`` is Lightning's estimate of the run's
+    optimizer steps (``max_epochs``/``max_steps`` aware); an open-ended run cannot use cosine.
+    """
+    if schedule == "cosine" and (total_steps is None or not math.isfinite(total_steps)):
+        raise ConfigError("lr_schedule=cosine needs a finite trainer.max_epochs or trainer.max_steps")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1.0, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
 
 
 class PipelinedSASRecModule(PipelinedLightningModule, SASRecModule):

@@ -66,8 +66,10 @@ def test_dlrm_recipe_nested_reaches_the_metrics_of_sync(tmp_path):
 
 def test_sasrec_sharded_runs_nested_and_matches_sync(tmp_path):
     """The sequence model: token-normalised loss, one id feature per position, dropout off so
-    micro-batches draw no random numbers (the brief's RNG-parity condition)."""
+    micro-batches draw no random numbers (the brief's RNG-parity condition). With an lr warm-up
+    and cosine decay: the sparse optimizer must follow the dense schedule in both modes."""
     common = ["recipe=sasrec_ml100k", "data=fixture", "model.embedding=sharded", "model.dropout=0",
+              "model.lr_schedule=cosine", "model.warmup_steps=2", "model.sparse_lr=0.02",
               "model.dim=16", "strategy=nestpipe", "trainer.devices=2", "trainer.accelerator=cpu",
               "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=1", "logger=csv",
               "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]  # fmt: skip
@@ -83,10 +85,13 @@ def test_sasrec_sharded_runs_nested_and_matches_sync(tmp_path):
         [summary_path] = list((work / "outputs").rglob("summary.json"))
         summary = json.loads(summary_path.read_text())
         [metrics] = list(Path(summary["output_dir"]).rglob("metrics.csv"))
-        runs[pipeline] = (
-            summary,
-            [float(r["train/loss"]) for r in csv.DictReader(metrics.open()) if r.get("train/loss")],
-        )
+        rows = list(csv.DictReader(metrics.open()))
+        runs[pipeline] = (summary, [float(r["train/loss"]) for r in rows if r.get("train/loss")])
+        lrs = [(float(r["train/lr"]), float(r["train/sparse_lr"])) for r in rows if r.get("train/sparse_lr")]
+        # Warm-up then cosine to 0; the sparse lr is its own base (0.02) times the dense factor.
+        assert len(lrs) >= 4 and lrs[-1][0] < lrs[1][0], lrs
+        for dense, sparse in lrs:
+            assert sparse == pytest.approx(0.02 * dense / 1e-3, rel=1e-6), lrs
     (sync, sync_curve), (nested, nested_curve) = runs["sync"], runs["nested"]
     assert len(sync_curve) == len(nested_curve) >= 4
     assert max(abs(a - b) for a, b in zip(sync_curve, nested_curve)) < 1e-3, (sync_curve, nested_curve)

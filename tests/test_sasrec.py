@@ -115,8 +115,6 @@ def test_schedule_config_errors_name_the_problem():
 
     with pytest.raises(ConfigError, match="lr_schedule 'linear'"):
         SASRecModule(num_items=10, max_len=5, dim=8, lr_schedule="linear")
-    with pytest.raises(ConfigError, match="embedding=dense"):
-        SASRecModule(num_items=10, max_len=5, dim=8, embedding="sharded", lr_schedule="cosine")
     from nestrec.baselines.sasrec import lr_factor
 
     with pytest.raises(ConfigError, match="finite trainer.max_epochs"):

@@ -179,12 +179,6 @@ class SASRecModule(NextItemRecommender):
             raise ConfigError(f"unknown SASRec embedding {embedding!r}; expected dense or sharded")
         if lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"unknown SASRec lr_schedule {lr_schedule!r}; expected constant or cosine")
-        if embedding == "sharded" and (lr_schedule != "constant" or warmup_steps):
-            # The row-wise sparse optimizer of the sharded table keeps a fixed lr; scheduling only
-            # the dense side would silently train the two halves on different schedules.
-            raise ConfigError(
-                "SASRec lr_schedule/warmup_steps need embedding=dense (the sharded table's lr is fixed)"
-            )
         self.save_hyperparameters(ignore=["genre_item_mask"])
         sharded = (
             ShardedItemEmbedding(num_items, dim, sparse_optimizer, sparse_lr, sharding, seed)
@@ -208,6 +202,7 @@ class SASRecModule(NextItemRecommender):
         present = batch["target"] > 0
         loss = self.token_loss(batch, self.model(batch["input"]), "mean")
         self.log("train/loss", loss, prog_bar=True, batch_size=int(present.shape[0]))
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=int(present.shape[0]))
         return loss
 
     def token_loss(

@@ -13,6 +13,12 @@ pipeline schedule, elsewhere the ``sync`` schedule in one process.
 Gradient clipping of dense parameters is the module's ``gradient_clip_val`` hyper-parameter
 (Lightning forbids ``Trainer(gradient_clip_val=...)`` with manual optimisation); it is applied
 after the all-reduce, so every schedule clips the same gradient.
+
+An lr scheduler from ``configure_optimizers`` is stepped once per optimizer step (manual
+optimisation leaves that to the module), and the row-wise sparse optimizer follows the same
+factor (its lr = its configured lr × current dense lr / base dense lr), so both halves of the
+model train on one schedule. The engine applies the sparse update of step *t* just before the
+dense step of *t* in every pipeline mode, so every schedule sees the same lr sequence.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class PipelinedLightningModule(pl.LightningModule):
         self.automatic_optimization = False
         self._engine: NestPipeEngine | None = None
         self._batches: _Batches | None = None
+        self._sparse_base_lr: float | None = None
 
     # -- contract (see PipelinedModel) --------------------------------------------------------------
     def sharded_tables(self) -> ShardedEmbeddingCollection:
@@ -91,6 +98,41 @@ class PipelinedLightningModule(pl.LightningModule):
             )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        scheduler = self._scheduler()
+        if scheduler is not None:
+            scheduler.step()
+            self._follow_schedule(log=True)
+
+    def _scheduler(self) -> Any | None:
+        schedulers = self.lr_schedulers()
+        if isinstance(schedulers, list):
+            if len(schedulers) > 1:
+                raise ValueError("a pipelined module supports one lr scheduler, got " + str(len(schedulers)))
+            schedulers = schedulers[0] if schedulers else None
+        return schedulers
+
+    def _follow_schedule(self, log: bool = False) -> None:
+        """Scale the sparse optimizer's lr by the dense scheduler's current factor (and log both)."""
+        scheduler = self._scheduler()
+        if scheduler is None:
+            return
+        sparse = self.sharded_tables().optimizer
+        if self._sparse_base_lr is None:
+            self._sparse_base_lr = float(sparse.lr)
+        dense_lr = float(scheduler.get_last_lr()[0])
+        sparse.lr = self._sparse_base_lr * dense_lr / float(scheduler.base_lrs[0])
+        if log:
+            self.log_dict(
+                {"train/lr": dense_lr, "train/sparse_lr": sparse.lr},
+                on_step=True,
+                on_epoch=False,
+                batch_size=1,
+            )
+
+    def on_train_start(self) -> None:
+        # After a resume the scheduler's restored state decides the sparse lr, not its config value.
+        super().on_train_start()
+        self._follow_schedule()
 
     def training_step(self, dataloader_iter: Iterator) -> torch.Tensor | None:
         if self._batches is None or self._batches.iterator is not dataloader_iter:

@@ -362,7 +362,7 @@ def export_artifact(settings: ExportSettings) -> Path:
         (staging / fmt.CATALOGUE).write_text(json.dumps(_catalogue(dm)))
         length = int(config.get("recent_len", 20)) + int(config.get("long_len", 100))
         # Profiles as the data module indexed them for training (0 = unknown value).
-        profile = dm._profile.to(torch.int64)
+        profile = dm.user_profiles.to(torch.int64)
         seen_offsets, seen_items = _user_seen(dm)
         save_file(
             {

@@ -96,7 +96,9 @@ class OxygenDataModule(SequenceDataModule):
         self.item_text = torch.cat([torch.zeros(1, vectors.shape[1]), vectors.float()])
         popularity = popularity_counts(self.split.train_sequences, self.data.num_items)
         self.registry, self.sid_diagnostics = self._registry(vectors, popularity, cache)
-        self._profile = self._profile_matrix()
+        #: ``[num_users, fields]`` profile value indices by user id (0 = unknown): training rows and the
+        #: serving export both read it
+        self.user_profiles = self._profile_matrix()
         queries: dict[str, int] = {"": 0}
         self._tensors["train"] = self._oxygen_train_tensors(queries)
         for name in ("valid", "test"):
@@ -104,7 +106,7 @@ class OxygenDataModule(SequenceDataModule):
             self._tensors[name]["query_index"] = torch.tensor(
                 [queries.setdefault(q, len(queries)) for q in rows.query]
             )
-            self._tensors[name]["profile"] = self._profile[self._tensors[name]["user"]]
+            self._tensors[name]["profile"] = self.user_profiles[self._tensors[name]["user"]]
             samples = getattr(self.split, name)
             self._tensors[name]["time"] = torch.as_tensor(
                 samples.timestamps[rows.source], dtype=torch.float64
@@ -260,7 +262,7 @@ class OxygenDataModule(SequenceDataModule):
             "query_index": torch.tensor(
                 [queries.setdefault(rows.query[i], len(queries)) for i in pick.tolist()]
             ),
-            "profile": self._profile[torch.from_numpy(users_a[source])],
+            "profile": self.user_profiles[torch.from_numpy(users_a[source])],
             "weight": torch.tensor(weights, dtype=torch.float32)[torch.from_numpy(source)],
             "time": torch.tensor(times, dtype=torch.float64)[torch.from_numpy(source)],
             "rating": self._ratings_of(users_a[source], targets_a[source]),

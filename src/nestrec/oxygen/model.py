@@ -222,7 +222,9 @@ class OxygenModel(nn.Module):
         return {"memory": memory, "pad": pad, "instr": instr, "q": q, "retrieved": retrieved}
 
     # -- decoder --------------------------------------------------------------------------------------
-    def _prefix(self, instr: torch.Tensor) -> torch.Tensor:
+    def decoder_prefix(self, instr: torch.Tensor) -> torch.Tensor:
+        """The decoder's leading positions before any SID token: BOS and/or the instruction vector,
+        as ``instruction_position`` places them (public: the serving decoder builds on it)."""
         b = len(instr)
         bos = self.bos.expand(b, -1)
         if self.instruction == "none":
@@ -235,7 +237,7 @@ class OxygenModel(nn.Module):
 
     def decode(self, encoded: dict[str, torch.Tensor], sid_prefix: torch.Tensor) -> torch.Tensor:
         """Decoder states ``[N, P + l, d]`` for SID prefix tokens ``[N, l]``."""
-        prefix = self._prefix(encoded["instr"])
+        prefix = self.decoder_prefix(encoded["instr"])
         parts = [prefix] + [self.tokens[i](sid_prefix[:, i]).unsqueeze(1) for i in range(sid_prefix.shape[1])]
         x = torch.cat(parts, 1)
         x = x + self.dec_pos(torch.arange(x.shape[1], device=x.device))

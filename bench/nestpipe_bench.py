@@ -193,7 +193,7 @@ def exactness_check(args, rank: int, groups, device, stream) -> dict[str, float]
     """
     shim = comm.get_latency_shim()
     comm.set_latency_shim(None)  # timing is over; no need to sleep
-    runners = {n: Runner(n, args, rank, args.world_size, groups, device, torch.float64) for n in MODES}
+    runners = {n: Runner(n, args, rank, args.world_size, groups(), device, torch.float64) for n in MODES}
     for runner in runners.values():
         runner.run_chunk(iter(stream), len(stream), drain=True)
     reference, diffs = runners["sync"], {}
@@ -223,11 +223,16 @@ def worker(rank: int, args, init_file: str, out_file: str) -> None:
     backend = "gloo" if args.device == "cpu" else "nccl"
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=args.world_size)
     try:
-        groups = (dist.new_group(backend="gloo"), dist.new_group(backend="gloo"))
+
+        def groups() -> tuple:
+            # Each runner gets its own two groups: engines read ahead on background threads, so
+            # two modes sharing a group could interleave their collectives differently per rank.
+            return dist.new_group(backend="gloo"), dist.new_group(backend="gloo")
+
         if not args.no_shim:
             comm.set_latency_shim(args.shim_alpha_ms, args.shim_gbps)
         names = ["sync", "dbp", "fwp", "nested", "nested_noclust", "compute"]
-        runners = {n: Runner(n, args, rank, args.world_size, groups, device) for n in names}
+        runners = {n: Runner(n, args, rank, args.world_size, groups(), device) for n in names}
         stream = make_stream(args, rank)
         iterators = {n: iter(stream) for n in names}
         rounds = -(-args.steps // args.chunk)

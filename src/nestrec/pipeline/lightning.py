@@ -101,7 +101,7 @@ class PipelinedLightningModule(pl.LightningModule):
         scheduler = self._scheduler()
         if scheduler is not None:
             scheduler.step()
-            self._follow_schedule(log=True)
+            self._follow_schedule(scheduler, log=True)
 
     def _scheduler(self) -> Any | None:
         schedulers = self.lr_schedulers()
@@ -111,11 +111,8 @@ class PipelinedLightningModule(pl.LightningModule):
             schedulers = schedulers[0] if schedulers else None
         return schedulers
 
-    def _follow_schedule(self, log: bool = False) -> None:
+    def _follow_schedule(self, scheduler: Any, log: bool = False) -> None:
         """Scale the sparse optimizer's lr by the dense scheduler's current factor (and log both)."""
-        scheduler = self._scheduler()
-        if scheduler is None:
-            return
         sparse = self.sharded_tables().optimizer
         if self._sparse_base_lr is None:
             self._sparse_base_lr = float(sparse.lr)
@@ -132,7 +129,9 @@ class PipelinedLightningModule(pl.LightningModule):
     def on_train_start(self) -> None:
         # After a resume the scheduler's restored state decides the sparse lr, not its config value.
         super().on_train_start()
-        self._follow_schedule()
+        scheduler = self._scheduler()
+        if scheduler is not None:
+            self._follow_schedule(scheduler)
 
     def training_step(self, dataloader_iter: Iterator) -> torch.Tensor | None:
         if self._batches is None or self._batches.iterator is not dataloader_iter:

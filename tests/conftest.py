@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nestrec.data.fetch import dataset_dir
+from nestrec.data.fetch import dataset_dir, is_fetched
 from nestrec.data.fixture import generate_fixture, write_fixture
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def fixture_dirs(tmp_path_factory, fixture_raw):
 
 def real_data_dir(name: str) -> Path:
     path = dataset_dir(name)
-    if not (path / ".complete").exists():
+    if not is_fetched(name):
         pytest.skip(f"MovieLens {name} is not fetched (run `make data`); `make test` fetches it first")
     return path
 

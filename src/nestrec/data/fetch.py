@@ -24,12 +24,14 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from nestrec.fileio import atomic_directory, sha256_file
 
-__all__ = ["SOURCES", "data_root", "dataset_dir", "fetch", "main"]
+__all__ = ["SOURCES", "cache_lock", "data_root", "dataset_dir", "fetch", "is_fetched", "main"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,24 @@ def dataset_dir(name: str, root: Path | None = None) -> Path:
     return (root or data_root()) / "raw" / name
 
 
+def is_fetched(name: str, root: Path | None = None) -> bool:
+    """Whether ``name``'s extraction (or the written fixture) is complete under the cache."""
+    return (dataset_dir(name, root) / ".complete").exists()
+
+
+@contextmanager
+def cache_lock(root: Path, name: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``name`` under ``root``.
+
+    Several ranks (or sweep jobs) may start on a cold cache at once: one writes, the rest wait and
+    then find the finished directory.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / f".{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def fetch(name: str, root: Path | None = None, quiet: bool = False) -> Path:
     """Make sure dataset ``name`` is extracted under the cache and return its directory.
 
@@ -85,13 +105,10 @@ def fetch(name: str, root: Path | None = None, quiet: bool = False) -> Path:
     source = SOURCES[name]
     root = root or data_root()
     target = dataset_dir(name, root)
-    if (target / ".complete").exists():
+    if is_fetched(name, root):
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    # Several ranks (or sweep jobs) may start on a cold cache at once: one fetches, the rest wait.
-    with (root / f".{name}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / ".complete").exists():
+    with cache_lock(root, name):
+        if is_fetched(name, root):
             return target
         return _download_and_extract(name, source, root, target, quiet)
 

@@ -36,7 +36,6 @@ import torch
 from torch.utils.data import default_collate
 
 from nestrec.data.datamodule import SequenceDataModule, left_pad
-from nestrec.data.fetch import data_root
 from nestrec.data.scenarios import SCENARIO_KINDS, derive_scenarios
 from nestrec.errors import ConfigError
 from nestrec.oxygen.sid import SIDRegistry, popularity_counts
@@ -83,9 +82,7 @@ class OxygenDataModule(SequenceDataModule):
             return
         super().setup(stage)
         hp = self.hparams
-        cache = (
-            Path(self.source.cache_dir).expanduser() if self.source.cache_dir else data_root() / "processed"
-        ) / "oxygen"
+        cache = self.source.processed_dir() / "oxygen"
         items = self.data.items.sort_values("item")
         texts = [
             f"{t} | {g.replace('|', ', ')}" if g else str(t)

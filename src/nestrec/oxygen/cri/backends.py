@@ -38,7 +38,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import httpx
 
-from nestrec.data.fetch import SOURCES, data_root, dataset_dir
+from nestrec.data.fetch import SOURCES, data_root, dataset_dir, is_fetched
 from nestrec.errors import ConfigError, UserInputError
 from nestrec.fileio import atomic_directory
 
@@ -289,7 +289,7 @@ def smollm2_gguf() -> Path:
     """The fetched SmolLM2 GGUF file; a one-line UserInputError says how to fetch it if missing."""
     directory = dataset_dir("smollm2")
     path = directory / SMOLLM2_GGUF
-    if not (directory / ".complete").exists() or not path.exists():
+    if not is_fetched("smollm2") or not path.exists():
         raise UserInputError(
             f"SmolLM2 model not fetched ({path} missing): run `make data` or "
             "`python -m nestrec.data.fetch smollm2`"

@@ -7,7 +7,7 @@ RECIPE ?= oxygenrec_multi
 ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: setup data run test lint report clean
+.PHONY: setup data run test lint report clean torchrec-venv bench-torchrec
 
 $(BIN)/.nestrec-installed: pyproject.toml plugins/nestrec-npu/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,23 @@ test: setup
 lint: $(BIN)/.nestrec-installed
 	$(BIN)/ruff check src tests plugins bench
 	$(BIN)/ruff format --check src tests plugins bench
+
+# TorchRec for bench/vs_torchrec.py only, in its own venv: never a nestrec dependency. Its metadata
+# would pull the CUDA fbgemm-gpu (and a CUDA torch), so it goes in with --no-deps after the CPU
+# kernels and the few packages it imports.
+TORCHREC_VENV ?= .venv-torchrec
+$(TORCHREC_VENV)/bin/.torchrec-installed: pyproject.toml
+	$(PYTHON) -m venv $(TORCHREC_VENV)
+	$(TORCHREC_VENV)/bin/pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
+	$(TORCHREC_VENV)/bin/pip install --quiet --disable-pip-version-check -e .
+	$(TORCHREC_VENV)/bin/pip install --quiet --disable-pip-version-check fbgemm-gpu-cpu==1.8.0 tensordict pyre-extensions iopath
+	$(TORCHREC_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps torchrec==1.8.0
+	touch $@
+
+torchrec-venv: $(TORCHREC_VENV)/bin/.torchrec-installed
+
+bench-torchrec: torchrec-venv
+	$(TORCHREC_VENV)/bin/python bench/vs_torchrec.py $(ARGS)
 
 clean:
 	rm -rf outputs multirun build dist src/*.egg-info

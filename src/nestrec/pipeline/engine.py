@@ -1,7 +1,8 @@
 """``NestPipeEngine``: one training step of a row-sharded model, under one of four schedules.
 
-``sync``    the reference: lookup, All2All, dense fwd/bwd, sparse update, all inline
-            (``ShardedEmbeddingCollection.forward`` + ``apply_sparse_updates``).
+``sync``    the reference: the data plane's stages (:mod:`nestrec.sharding.dataplane`) inline,
+            one after the other, nothing overlapped — what ``ShardedEmbeddingCollection.forward``
+            + ``apply_sparse_updates`` compute, through the same functions.
 ``dbp``     Dual-Buffer Pipelining: key routing (stage 3) of batch t+2 on the ``router`` thread
             and row retrieval (stage 4) of batch t+1 on the ``retrieval`` thread run while batch t
             computes; a dual-buffer copy after t's update makes t+1's prefetched rows exact.
@@ -41,11 +42,14 @@ import torch
 
 from nestrec.errors import ConfigError
 from nestrec.pipeline.clustering import CLUSTERING_METHODS, cluster_samples, sample_keys
-from nestrec.pipeline.routing import (
+from nestrec.pipeline.timeline import Timeline
+from nestrec.sharding.collection import ShardedEmbeddingCollection
+from nestrec.sharding.comm import all_reduce_mean
+from nestrec.sharding.dataplane import (
+    BatchRoute,
     RowBuffer,
-    TableRoute,
     apply_update,
-    pool_micro_batch,
+    pool_rows,
     reconcile,
     retrieve,
     return_grads,
@@ -53,9 +57,6 @@ from nestrec.pipeline.routing import (
     send_rows,
     write_back,
 )
-from nestrec.pipeline.timeline import Timeline
-from nestrec.sharding.collection import ShardedEmbeddingCollection
-from nestrec.sharding.comm import all_reduce_mean
 from nestrec.sparse.jagged import JaggedFeatures
 
 __all__ = ["PIPELINE_MODES", "PipelineConfig", "PipelinedModel", "NestPipeEngine", "StepResult"]
@@ -144,7 +145,7 @@ class _Prepared:
     size: int
     micro: list[Any]
     micro_sizes: list[int]
-    routes: dict[str, TableRoute] | None
+    routes: BatchRoute
     normalizer: int = 1
 
 
@@ -274,26 +275,22 @@ class NestPipeEngine:
     def _prepare(self, step: int, batch: Any) -> _Prepared:
         features = self.model.sparse_features(batch)
         size = features.batch_size
-        if self.config.mode == "sync":
-            return _Prepared(step, batch, size, [batch], [size], None, _normalizer(self.model, batch, size))
         parts = self.config.num_micro_batches
-        method = self.config.clustering if parts > 1 else "none"
-        keys = sample_keys(features, self._feature_table) if method != "none" else [[]] * size
-        plan = cluster_samples(keys, parts, method, seed=self.config.seed)
-        index = plan.micro_batches()
-        micro = [self.model.select_samples(batch, i) for i in index]
-        routes = route_keys(
-            self.collection, [features.select_samples(i) for i in index], self.collection.key_group
-        )
-        sizes = [len(i) for i in index]
+        if parts == 1:
+            micro, micro_features, sizes = [batch], [features], [size]
+        else:
+            method = self.config.clustering
+            keys = sample_keys(features, self._feature_table) if method != "none" else [[]] * size
+            index = cluster_samples(keys, parts, method, seed=self.config.seed).micro_batches()
+            micro = [self.model.select_samples(batch, i) for i in index]
+            micro_features = [features.select_samples(i) for i in index]
+            sizes = [len(i) for i in index]
+        routes = route_keys(self.collection, micro_features, self.collection.key_group)
         return _Prepared(step, batch, size, micro, sizes, routes, _normalizer(self.model, batch, size))
 
     # -- schedules ----------------------------------------------------------------------------------
     def _run_inline(self, batch: Any) -> StepResult:
         step, start = self._next_step(), time.perf_counter()
-        if self.config.mode == "sync":
-            loss, size = self._sync_compute(step, batch)
-            return self._result(step, start, loss, size)
         with self.timeline.span("route", "main", step):
             prepared = self._prepare(step, batch)
         with self.timeline.span("retrieve", "main", step):
@@ -382,7 +379,7 @@ class NestPipeEngine:
         backward: list[Any] = []
         if overlap:
             forward[0] = self._submit("comm", "a2a_fwd", step, fetch(0))
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64)  # summed on the device; one host read per batch
         for i, batch in enumerate(micro):
             if overlap:
                 if i + 1 < len(micro):
@@ -395,10 +392,10 @@ class NestPipeEngine:
                 # Rows arrive on the host (gloo); dense compute runs where the model lives.
                 leaves = {name: r.to(self.device).detach().requires_grad_(True) for name, r in rows.items()}
                 if prepared.micro_sizes[i]:  # an empty micro-batch still joins the collectives
-                    pooled = pool_micro_batch(self.collection, routes, i, leaves)
+                    pooled = pool_rows(self.collection, routes, i, leaves)
                     loss = self.model.loss_sum(batch, pooled) / prepared.normalizer
                     loss.backward()
-                    total += float(loss.detach())
+                    total = total.to(loss.device) + loss.detach()
                 grads = {
                     n: (leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).cpu()
                     for n, leaf in leaves.items()
@@ -417,20 +414,7 @@ class NestPipeEngine:
         with self.timeline.span("sparse_update", "main", step):
             apply_update(self.collection, buffer)
         self._dense_update(step)
-        return total
-
-    def _sync_compute(self, step: int, batch: Any) -> tuple[float, int]:
-        self._zero_dense_grads()
-        features = self.model.sparse_features(batch)
-        with self.timeline.span("embedding_sync", "main", step):
-            pooled = self.collection(features)
-        with self.timeline.span("compute", "main", step):
-            loss = self.model.loss_sum(batch, pooled) / _normalizer(self.model, batch, features.batch_size)
-            loss.backward()
-        with self.timeline.span("embedding_sync", "main", step):
-            self.collection.apply_sparse_updates()
-        self._dense_update(step)
-        return float(loss.detach()), features.batch_size
+        return float(total)
 
     # -- dense ----------------------------------------------------------------------------------------
     def _zero_dense_grads(self) -> None:

@@ -1,13 +1,12 @@
 """``ShardedEmbeddingCollection``: row-sharded tables, looked up by All2All, trained synchronously.
 
 Each rank owns a block of every table's rows (``RowWiseSharding``) in a host-memory
-``ShardStore``. A lookup, per table and in the same order on every rank:
+``ShardStore``. ``forward`` is the data plane (:mod:`nestrec.sharding.dataplane`) with nothing
+overlapped, for all tables at once:
 
-1. dedup the batch's ids (``torch.unique``) and bucket them by owner;
-2. key routing: All2All of the counts, then of the ids (``key_group``);
-3. each owner dedups the keys it received from all ranks and gathers those rows from its shard;
-4. All2All of the rows back to the requesters (``embedding_group``);
-5. rows are expanded to the original ids and pooled per feature.
+1. dedup the batch's ids and route them to their owners (All2All of counts, then of keys);
+2. each owner dedups the keys it received from all ranks and gathers those rows from its shards;
+3. All2All of the rows back to the requesters; ``embedding_bag`` pools them per feature.
 
 The fetched unique rows are a leaf tensor, so autograd leaves the per-row gradient, already
 summed over duplicate ids, in its ``.grad``. ``apply_sparse_updates()`` (called once per batch by
@@ -26,10 +25,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nestrec.embedding.collection import check_ids, pool
 from nestrec.embedding.config import EmbeddingTableConfig
 from nestrec.errors import ConfigError
-from nestrec.sharding.comm import all_to_all_uneven, exchange_counts
+from nestrec.sharding import dataplane
 from nestrec.sharding.optim import RowWiseOptimizer, RowWiseSGD
 from nestrec.sharding.rule import RowWiseSharding
 from nestrec.sharding.store import ShardStore
@@ -40,14 +38,11 @@ __all__ = ["ShardedEmbeddingCollection", "LookupPlan"]
 
 @dataclass
 class LookupPlan:
-    """How one table's lookup was routed, kept so gradients can travel the reverse route."""
+    """One training lookup, kept so its gradients can travel the reverse route at update time."""
 
-    table: str
-    order: torch.Tensor  # permutation of the unique ids into owner order
-    send_counts: list[int]  # ids this rank sent to each owner
-    recv_counts: list[int]  # ids each peer asked this rank for
-    served_local: torch.Tensor  # local slots this rank served, in receive order
-    rows: torch.Tensor  # the fetched unique rows (leaf; its .grad is the per-row gradient)
+    route: dataplane.BatchRoute
+    buffer: dataplane.RowBuffer  # the owner's rows (and state) the lookup served
+    leaves: dict[str, torch.Tensor]  # the fetched unique rows; their .grad is the per-row gradient
 
 
 class ShardedEmbeddingCollection(nn.Module):
@@ -119,6 +114,7 @@ class ShardedEmbeddingCollection(nn.Module):
         for table in self.tables:
             local = self.initial_rows(table, self.rules[table.name].global_ids(rank))
             self.stores[table.name] = ShardStore(local, self.optimizer, pin_memory=pin)
+        self.key_space = dataplane.KeySpace(self)
         self._plans.clear()
 
     INIT_CHUNK = 65_536
@@ -148,87 +144,16 @@ class ShardedEmbeddingCollection(nn.Module):
     # ---------------------------------------------------------------------------------------------
     # lookup
     def forward(self, features: JaggedFeatures) -> dict[str, torch.Tensor]:
-        if (
-            self.world_size == 1
-            and dist.is_available()
-            and dist.is_initialized()
-            and dist.get_world_size() > 1
-        ):
-            # Under plain DDP every rank would train its own full copy and the copies would drift.
-            raise ConfigError(
-                f"ShardedEmbeddingCollection is not sharded over the {dist.get_world_size()} processes: use strategy=nestpipe"
-            )
-        by_table = self.group_by_table(features)
-        out: dict[str, torch.Tensor] = {}
-        # Every rank walks the tables in the same order, so the collectives pair up.
-        for table in self.tables:
-            parts = by_table[table.name]
-            device = parts[0][1].device if parts else self._device
-            ids = (
-                torch.cat([v for _, v, _ in parts])
-                if parts
-                else torch.zeros(0, dtype=torch.long, device=device)
-            )
-            unique_rows, inverse = self._lookup_unique(table, ids)
-            out.update(self.pool_table(table, parts, unique_rows[inverse]))
-        return out
-
-    def group_by_table(
-        self, features: JaggedFeatures
-    ) -> dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]]:
-        """``{table: [(feature, ids, lengths), ...]}`` with every id checked against its table."""
-        by_table: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {t.name: [] for t in self.tables}
-        for feature, (values, lengths) in features.split().items():
-            if feature not in self.feature_to_table:
-                raise ConfigError(
-                    f"feature {feature!r} has no embedding table (known: {', '.join(self.feature_to_table)})"
-                )
-            table = self.feature_to_table[feature]
-            check_ids(values, table, feature)
-            by_table[table.name].append((feature, values, lengths))
-        return by_table
-
-    @staticmethod
-    def pool_table(
-        table: EmbeddingTableConfig,
-        parts: list[tuple[str, torch.Tensor, torch.Tensor]],
-        per_id: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        """Pool one table's per-id rows (ids in ``parts`` order) into one vector per sample per feature."""
-        out, offset = {}, 0
-        for feature, values, lengths in parts:
-            out[feature] = pool(per_id[offset : offset + len(values)], lengths, table.pooling)
-            offset += len(values)
-        return out
-
-    def _lookup_unique(
-        self, table: EmbeddingTableConfig, ids: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        rule = self.rules[table.name]
-        unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
-        owners = rule.owner(unique)
-        order = torch.argsort(owners, stable=True)
-        send_ids = unique[order]
-        send_counts_t = torch.bincount(owners, minlength=self.world_size)
-        recv_counts_t = exchange_counts(send_counts_t.cpu(), self.key_group, channel="keys")
-        send_counts, recv_counts = send_counts_t.tolist(), recv_counts_t.tolist()
-        requested = all_to_all_uneven(
-            send_ids.cpu(), send_counts, recv_counts, self.key_group, channel="keys"
-        )
-        served_local = rule.local_index(requested)
-        # The owner dedups again: several ranks often ask for the same hot rows.
-        wanted, expand = torch.unique(served_local, sorted=True, return_inverse=True)
-        served_rows = self.stores[table.name].gather(wanted, torch.device("cpu"))[expand]
-        returned = all_to_all_uneven(
-            served_rows, recv_counts, send_counts, self.embedding_group, channel="rows"
-        )
-        rows = torch.empty_like(returned)
-        rows[order.cpu()] = returned
-        rows = rows.to(ids.device)
-        if torch.is_grad_enabled() and self.training:
-            rows.requires_grad_(True)
-            self._plans.append(LookupPlan(table.name, order, send_counts, recv_counts, served_local, rows))
-        return rows, inverse
+        route = dataplane.route_keys(self, [features], self.key_group)
+        training = torch.is_grad_enabled() and self.training
+        buffer = dataplane.retrieve(self, route, with_state=training)
+        rows = dataplane.send_rows(self, buffer, route, 0, self.embedding_group)
+        device = features.values.device
+        rows = {name: r.to(device) for name, r in rows.items()}
+        if training:
+            rows = {name: r.requires_grad_(True) for name, r in rows.items()}
+            self._plans.append(LookupPlan(route, buffer, rows))
+        return dataplane.pool_rows(self, route, 0, rows)
 
     # ---------------------------------------------------------------------------------------------
     # update
@@ -236,30 +161,23 @@ class ShardedEmbeddingCollection(nn.Module):
         """Send per-row gradients to their owners and apply the row-wise optimizer once per table.
 
         Call once per optimizer step on every rank, after backward. Lookups made since the last
-        call (several with gradient accumulation or micro-batches) are all included.
+        call (several with gradient accumulation or micro-batches) are all included, each row
+        updated once with its summed gradient.
         """
         plans, self._plans = self._plans, []
-        received: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {t.name: [] for t in self.tables}
+        if not plans:
+            return
         for plan in plans:  # same order on every rank
-            grad = plan.rows.grad if plan.rows.grad is not None else torch.zeros_like(plan.rows)
-            send = grad.detach()[plan.order].cpu()
-            back = all_to_all_uneven(
-                send, plan.send_counts, plan.recv_counts, self.embedding_group, channel="grads"
-            )
-            received[plan.table].append((plan.served_local, back))
-        scale = 1.0 / self.world_size if self.grad_scale == "world" else float(self.grad_scale)
-        for table in self.tables:
-            if not received[table.name]:
-                continue
-            local = torch.cat([idx for idx, _ in received[table.name]])
-            grads = torch.cat([g for _, g in received[table.name]])
-            touched, position = torch.unique(local, sorted=True, return_inverse=True)
-            summed = torch.zeros(len(touched), grads.shape[1], dtype=grads.dtype).index_add_(
-                0, position, grads
-            )
-            if scale != 1.0:
-                summed.mul_(scale)
-            self.stores[table.name].apply_update(touched, summed, self.optimizer, torch.device("cpu"))
+            grads = {
+                name: leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+                for name, leaf in plan.leaves.items()
+            }
+            dataplane.return_grads(self, plan.buffer, plan.route, 0, grads, self.embedding_group)
+        buffer = (
+            plans[0].buffer if len(plans) == 1 else dataplane.merge_buffers(self, [p.buffer for p in plans])
+        )
+        dataplane.apply_update(self, buffer)
+        dataplane.write_back(self, buffer)
 
     # ---------------------------------------------------------------------------------------------
     # inspection / checkpoint support

@@ -1,0 +1,429 @@
+"""The one data plane of row-sharded tables: every schedule's lookup and update, cut into stages.
+
+``route_keys`` (stage 3)  every rank tells every owner which rows each of its micro-batches needs,
+                           for *all tables at once*: one All2All of counts, one of keys.
+``retrieve`` (stage 4)     each owner gathers the union of the requested rows — weights and
+                           optimizer-state rows — from its shard stores into a ``RowBuffer``.
+``reconcile``              the dual-buffer copy: rows of the next batch's buffer that the current
+                           batch also touched take their post-update values.
+``send_rows`` /            per micro-batch (stage 5): owners serve rows from the buffer to the
+``return_grads``           requesters in one All2All for all tables; gradients travel back and
+                           accumulate in the buffer.
+``pool``                   ``embedding_bag`` over the fetched unique rows (one fused kernel per
+                           feature, forward and backward), so autograd leaves each unique row's
+                           summed gradient in the leaf's ``.grad``.
+``apply_update``           one row-wise optimizer step on the buffer per batch.
+``write_back``             the buffer's rows go back to the shard stores.
+
+``ShardedEmbeddingCollection.forward`` / ``apply_sparse_updates`` (the plain synchronous path) and
+every pipeline schedule of ``NestPipeEngine`` are compositions of these functions; no other code
+looks rows up or updates them.
+
+Why the key space is flat: all tables' ids are offset into one int64 key space (table ``t`` owns
+``[offset_t, offset_t + num_rows_t)``), so dedup, owner lookup and the key All2All are one vectorised
+pass over the batch instead of one per table, and a whole lookup costs four collectives (counts,
+keys, rows, gradients) whatever the number of tables. On the owner, a key is its slot in the
+concatenation of its local shards (``local_offsets``), so the owner's dedup is one ``unique`` too.
+
+Everything here is plain tensors and collectives; the engine decides which thread runs what.
+Every rank walks tables and micro-batches in the same order, so collectives pair up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from nestrec.errors import ConfigError, UserInputError
+from nestrec.sharding.comm import all_to_all_uneven, exchange_counts
+from nestrec.sparse.jagged import JaggedFeatures
+
+if TYPE_CHECKING:
+    from nestrec.sharding.collection import ShardedEmbeddingCollection
+
+__all__ = [
+    "BatchRoute",
+    "FeatureBags",
+    "KeySpace",
+    "MicroRoute",
+    "RowBuffer",
+    "apply_update",
+    "merge_buffers",
+    "pool_rows",
+    "reconcile",
+    "retrieve",
+    "return_grads",
+    "route_keys",
+    "send_rows",
+    "write_back",
+]
+
+
+class KeySpace:
+    """The flat key space of a collection's tables for one rank of one world size (closed form)."""
+
+    def __init__(self, collection: ShardedEmbeddingCollection):
+        tables, world = collection.tables, collection.world_size
+        self.names = [t.name for t in tables]
+        self.dims = [t.dim for t in tables]
+        rows = torch.tensor([t.num_rows for t in tables], dtype=torch.long)
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), rows.cumsum(0)])
+        self.cyclic = collection.sharding_mode == "cyclic"
+        self.world = world
+        self.base, self.extra = rows // world, rows % world
+        sizes = torch.tensor(
+            [[collection.rules[t.name].shard_size(r) for t in tables] for r in range(world)], dtype=torch.long
+        )
+        # local_offsets[r, t]: where table t's shard starts in rank r's concatenated local slots
+        self.local_offsets = torch.cat([torch.zeros(world, 1, dtype=torch.long), sizes.cumsum(1)], 1)
+        self.rank_local_offsets = self.local_offsets[collection.rank]
+        self.feature_index = {f: i for i, t in enumerate(tables) for f in t.features}
+        self.feature_table = {f: t for t in tables for f in t.features}
+
+    def table_of(self, keys: torch.Tensor) -> torch.Tensor:
+        return torch.searchsorted(self.offsets, keys, right=True) - 1
+
+    def owner_slot(self, keys: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Owner rank of each key and its slot in the owner's concatenated local shards."""
+        ids = keys - self.offsets[table]
+        if self.cyclic:
+            owner, local = ids % self.world, ids // self.world
+        else:
+            base, extra = self.base[table], self.extra[table]
+            boundary = extra * (base + 1)  # rows below this sit in the larger, first `extra` blocks
+            owner = torch.where(
+                ids < boundary, ids // (base + 1), extra + (ids - boundary) // base.clamp(min=1)
+            )
+            local = ids - (owner * base + torch.minimum(owner, extra))
+        return owner, self.local_offsets[owner, table] + local
+
+
+@dataclass
+class FeatureBags:
+    """One feature of one micro-batch: its ids as slots into its table's unique rows, and its bags."""
+
+    name: str
+    table: int
+    slots: torch.Tensor  # each id -> row of the table's unique rows
+    offsets: torch.Tensor  # start of each sample's bag in ``slots``
+    pooling: str
+
+
+@dataclass
+class MicroRoute:
+    """One micro-batch's route for every table, from both sides of the All2All."""
+
+    features: list[FeatureBags]  # requester: how to pool the fetched rows
+    order: list[torch.Tensor]  # requester, per table: unique ids (sorted) -> owner-grouped order
+    send_counts: list[list[int]]  # requester, per table: ids asked of each owner
+    recv_counts: list[list[int]]  # owner, per table: ids each requester asked for
+    served: list[torch.Tensor]  # owner, per table: buffer slot of every received id, in receive order
+
+
+@dataclass
+class BatchRoute:
+    keys: list[torch.Tensor]  # owner, per table: sorted local rows the whole batch touches
+    micro: list[MicroRoute]
+
+
+@dataclass
+class RowBuffer:
+    """Working copy of the rows one batch touches on this rank's shards (weights + optimizer state)."""
+
+    keys: dict[str, torch.Tensor]
+    rows: dict[str, torch.Tensor]
+    state: dict[str, dict[str, torch.Tensor]]
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _check_sharded(collection: ShardedEmbeddingCollection) -> None:
+    if (
+        collection.world_size == 1
+        and dist.is_available()
+        and dist.is_initialized()
+        and dist.get_world_size() > 1
+    ):
+        # Under plain DDP every rank would train its own full copy and the copies would drift.
+        raise ConfigError(
+            f"ShardedEmbeddingCollection is not sharded over the {dist.get_world_size()} processes: "
+            "use strategy=nestpipe"
+        )
+
+
+def _check_ids(space: KeySpace, features: JaggedFeatures, per_feature: torch.Tensor) -> torch.Tensor:
+    """Each id's table index; one host check for the whole batch, a named error on a bad id."""
+    unknown = [k for k in features.keys if k not in space.feature_index]
+    if unknown:
+        raise ConfigError(
+            f"feature {unknown[0]!r} has no embedding table (known: {', '.join(space.feature_index)})"
+        )
+    feature_tables = torch.tensor([space.feature_index[k] for k in features.keys], dtype=torch.long)
+    table = torch.repeat_interleave(feature_tables, per_feature, output_size=features.values.numel())
+    rows = space.offsets[table + 1] - space.offsets[table]
+    values = features.values
+    bad = (values < 0) | (values >= rows)
+    if bool(bad.any()):
+        at = int(bad.nonzero()[0])
+        feature = features.keys[int(torch.searchsorted(per_feature.cumsum(0), at, right=True))]
+        spec = space.feature_table[feature]
+        raise UserInputError(
+            f"feature {feature!r}: id {int(values[at])} is outside table {spec.name!r} rows [0, {spec.num_rows})"
+        )
+    return table
+
+
+def _requester_side(collection: ShardedEmbeddingCollection, features: JaggedFeatures):
+    """Dedup one micro-batch over all tables; owner and owner slot of every unique key."""
+    space = collection.key_space
+    features = features.to("cpu")
+    num_features = len(features.keys)
+    per_key = features.lengths.view(num_features, -1) if num_features else features.lengths.view(0, 0)
+    per_feature = per_key.sum(1)
+    table = _check_ids(space, features, per_feature)
+    unique, inverse = torch.unique(features.values + space.offsets[table], sorted=True, return_inverse=True)
+    unique_table = space.table_of(unique)
+    owner, slot = space.owner_slot(unique, unique_table)
+    num_tables, world = len(space.names), space.world
+    # table t's unique keys are unique[starts[t] : starts[t + 1]]
+    starts = torch.searchsorted(unique, space.offsets).tolist()
+    # (table, owner, id) order: per table, the owner-grouped order of its sorted unique ids
+    by_table_owner = torch.argsort(unique_table * world + owner, stable=True)
+    order = [by_table_owner[starts[t] : starts[t + 1]] - starts[t] for t in range(num_tables)]
+    bags, begin = [], 0
+    for f, (name, count) in enumerate(zip(features.keys, per_feature.tolist())):
+        t = space.feature_index[name]
+        lengths = per_key[f]
+        bags.append(
+            FeatureBags(
+                name=name,
+                table=t,
+                slots=inverse[begin : begin + count] - starts[t],
+                offsets=torch.cumsum(lengths, 0) - lengths,
+                pooling=collection.tables[t].pooling,
+            )
+        )
+        begin += count
+    return bags, order, unique_table, owner, slot
+
+
+def route_keys(
+    collection: ShardedEmbeddingCollection, micro_features: list[JaggedFeatures], group=None
+) -> BatchRoute:
+    """Stage 3: route every micro-batch's unique keys of every table to their owners (two collectives)."""
+    _check_sharded(collection)
+    space = collection.key_space
+    world, num_micro, num_tables = space.world, len(micro_features), len(space.names)
+    sides = [_requester_side(collection, f) for f in micro_features]
+    # Payload layout: owner-major, then micro-batch, then table, then id — one All2All carries all.
+    tables = torch.cat([s[2] for s in sides])
+    owners = torch.cat([s[3] for s in sides])
+    slots = torch.cat([s[4] for s in sides])
+    micro_of = torch.repeat_interleave(
+        torch.arange(num_micro), torch.tensor([len(s[2]) for s in sides], dtype=torch.long)
+    )
+    bucket = (owners * num_micro + micro_of) * num_tables + tables
+    send = slots[torch.argsort(bucket, stable=True)]
+    counts = torch.bincount(bucket, minlength=world * num_micro * num_tables)
+    recv = exchange_counts(counts, group, channel="keys")
+    counts_l = counts.view(world, num_micro, num_tables).tolist()
+    recv_l = recv.view(world, num_micro, num_tables).tolist()
+    requested = all_to_all_uneven(
+        send, counts.view(world, -1).sum(1).tolist(), recv.view(world, -1).sum(1).tolist(), group, "keys"
+    )
+    # Owner: the batch's rows on this shard, deduplicated over every requester and micro-batch.
+    keys, served = torch.unique(requested, sorted=True, return_inverse=True)
+    bounds = torch.searchsorted(keys, space.rank_local_offsets).tolist()
+    local_keys = [keys[bounds[t] : bounds[t + 1]] - space.rank_local_offsets[t] for t in range(num_tables)]
+    chunks = served.split(recv.tolist())  # source-major, micro-batch, table
+    micro = []
+    for i, (bags, order, *_rest) in enumerate(sides):
+        micro.append(
+            MicroRoute(
+                features=bags,
+                order=order,
+                send_counts=[[counts_l[r][i][t] for r in range(world)] for t in range(num_tables)],
+                recv_counts=[[recv_l[s][i][t] for s in range(world)] for t in range(num_tables)],
+                served=[
+                    torch.cat([chunks[(s * num_micro + i) * num_tables + t] for s in range(world)])
+                    - bounds[t]
+                    for t in range(num_tables)
+                ],
+            )
+        )
+    return BatchRoute(local_keys, micro)
+
+
+def retrieve(collection: ShardedEmbeddingCollection, route: BatchRoute, with_state: bool = True) -> RowBuffer:
+    """Stage 4: copy the batch's rows (and their optimizer-state rows) out of the shard stores."""
+    buffer = RowBuffer({}, {}, {})
+    for table, keys in zip(collection.tables, route.keys):
+        store = collection.stores[table.name]
+        buffer.keys[table.name] = keys
+        buffer.rows[table.name] = store.gather(keys, torch.device("cpu"))
+        buffer.state[table.name] = store.gather_state(keys, torch.device("cpu")) if with_state else {}
+        buffer.grads[table.name] = torch.zeros_like(buffer.rows[table.name])
+    return buffer
+
+
+def merge_buffers(collection: ShardedEmbeddingCollection, buffers: list[RowBuffer]) -> RowBuffer:
+    """One buffer over the union of several lookups' rows, with their gradients summed.
+
+    Several lookups before one update (gradient accumulation, two forward calls) must update each
+    row once with the summed gradient, as a dense table's optimizer would.
+    """
+    merged = RowBuffer({}, {}, {})
+    for table in collection.tables:
+        name = table.name
+        keys = torch.unique(torch.cat([b.keys[name] for b in buffers]), sorted=True)
+        store = collection.stores[name]
+        merged.keys[name] = keys
+        merged.rows[name] = store.gather(keys, torch.device("cpu"))
+        merged.state[name] = store.gather_state(keys, torch.device("cpu"))
+        grads = torch.zeros_like(merged.rows[name])
+        for b in buffers:
+            grads.index_add_(0, torch.searchsorted(keys, b.keys[name]), b.grads[name])
+        merged.grads[name] = grads
+    return merged
+
+
+def reconcile(active: RowBuffer, prefetch: RowBuffer) -> int:
+    """The dual-buffer copy: ``prefetch`` rows also in ``active`` take ``active``'s (updated) values.
+
+    Both key lists are sorted and unique, so the intersection is one ``isin`` and one
+    ``searchsorted``. Optimizer-state rows are copied with the weights (they are parameters too).
+    Returns the number of rows copied.
+    """
+    copied = 0
+    for name, keys in prefetch.keys.items():
+        shared = torch.isin(keys, active.keys[name])
+        if not bool(shared.any()):
+            continue
+        source = torch.searchsorted(active.keys[name], keys[shared])
+        prefetch.rows[name][shared] = active.rows[name][source]
+        for state_name, values in prefetch.state[name].items():
+            values[shared] = active.state[name][state_name][source]
+        copied += int(shared.sum())
+    return copied
+
+
+def _fused_all_to_all(
+    payloads: list[torch.Tensor],
+    send_counts: list[list[int]],
+    recv_counts: list[list[int]],
+    group,
+    channel: str,
+) -> list[torch.Tensor]:
+    """One All2All for several tables: per destination, every table's rows flattened back to back.
+
+    ``payloads[t]`` holds table t's rows grouped by destination (``send_counts[t][r]`` rows for
+    rank r); returns table t's received rows grouped by source (``recv_counts[t][s]`` from rank s).
+    One collective per micro-batch instead of one per table, as TorchRec's grouped All2All.
+    """
+    world, num = len(send_counts[0]), len(payloads)
+    dims = [p.shape[1] if p.dim() > 1 else 1 for p in payloads]
+    if num == 1:
+        received = all_to_all_uneven(payloads[0], send_counts[0], recv_counts[0], group, channel)
+        return [received]
+    chunks = [p.split(counts) for p, counts in zip(payloads, send_counts)]
+    send = torch.cat([chunks[t][r].reshape(-1) for r in range(world) for t in range(num)])
+    send_splits = [sum(send_counts[t][r] * dims[t] for t in range(num)) for r in range(world)]
+    recv_splits = [sum(recv_counts[t][s] * dims[t] for t in range(num)) for s in range(world)]
+    received = all_to_all_uneven(send, send_splits, recv_splits, group, channel)
+    pieces = received.split([recv_counts[t][s] * dims[t] for s in range(world) for t in range(num)])
+    return [
+        torch.cat([pieces[s * num + t] for s in range(world)]).view(-1, *payloads[t].shape[1:])
+        for t in range(num)
+    ]
+
+
+def send_rows(
+    collection: ShardedEmbeddingCollection, buffer: RowBuffer, route: BatchRoute, micro: int, group=None
+) -> dict[str, torch.Tensor]:
+    """Stage 5 forward All2All: owners serve micro-batch ``micro``'s rows from the buffer.
+
+    Returns, per table, the requester's unique rows in sorted-id order.
+    """
+    names = [t.name for t in collection.tables]
+    r = route.micro[micro]
+    returned = _fused_all_to_all(
+        [buffer.rows[n][served] for n, served in zip(names, r.served)],
+        r.recv_counts,
+        r.send_counts,
+        group,
+        "rows",
+    )
+    out = {}
+    for name, order, rows_in_owner_order in zip(names, r.order, returned):
+        rows = torch.empty_like(rows_in_owner_order)
+        rows[order] = rows_in_owner_order
+        out[name] = rows
+    return out
+
+
+def pool_rows(
+    collection: ShardedEmbeddingCollection,
+    route: BatchRoute,
+    micro: int,
+    unique_rows: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Pool the fetched unique rows per sample and feature (``pooling='none'``: one row per id)."""
+    names = [t.name for t in collection.tables]
+    out = {}
+    for bag in route.micro[micro].features:
+        rows = unique_rows[names[bag.table]]
+        slots = bag.slots.to(rows.device)
+        if bag.pooling == "none":
+            out[bag.name] = F.embedding(slots, rows)
+        else:
+            out[bag.name] = F.embedding_bag(slots, rows, bag.offsets.to(rows.device), mode=bag.pooling)
+    return out
+
+
+def return_grads(
+    collection: ShardedEmbeddingCollection,
+    buffer: RowBuffer,
+    route: BatchRoute,
+    micro: int,
+    grads: dict[str, torch.Tensor],
+    group=None,
+) -> None:
+    """Stage 5 backward All2All: per-row gradients go to their owners and accumulate in the buffer."""
+    names = [t.name for t in collection.tables]
+    r = route.micro[micro]
+    received = _fused_all_to_all(
+        [grads[n].cpu()[order] for n, order in zip(names, r.order)],
+        r.send_counts,
+        r.recv_counts,
+        group,
+        "grads",
+    )
+    for name, served, back in zip(names, r.served, received):
+        buffer.grads[name].index_add_(0, served, back.to(buffer.grads[name].dtype))
+
+
+def apply_update(collection: ShardedEmbeddingCollection, buffer: RowBuffer) -> None:
+    """One row-wise optimizer step per table on the buffer (rows and state), once per batch.
+
+    Summed gradients are scaled by ``1 / world_size`` by default, so tables move by the gradient of
+    the global mean loss, as DDP does for dense parameters.
+    """
+    scale = 1.0 / collection.world_size if collection.grad_scale == "world" else float(collection.grad_scale)
+    for table in collection.tables:
+        store = collection.stores[table.name]
+        store.step += 1
+        grad = buffer.grads[table.name]
+        if scale != 1.0:
+            grad.mul_(scale)
+        collection.optimizer.update(buffer.rows[table.name], buffer.state[table.name], grad, store.step)
+
+
+def write_back(collection: ShardedEmbeddingCollection, buffer: RowBuffer) -> None:
+    """Flush the buffer's rows and state rows into the shard stores."""
+    for table in collection.tables:
+        collection.stores[table.name].write_back(
+            buffer.keys[table.name], buffer.rows[table.name], buffer.state[table.name]
+        )

@@ -44,7 +44,7 @@ from nestrec.errors import ConfigError
 from nestrec.pipeline.clustering import CLUSTERING_METHODS, cluster_samples, sample_keys
 from nestrec.pipeline.timeline import Timeline
 from nestrec.sharding.collection import ShardedEmbeddingCollection
-from nestrec.sharding.comm import all_reduce_mean
+from nestrec.sharding.comm import PendingMean, start_all_reduce_mean
 from nestrec.sharding.dataplane import (
     BatchRoute,
     RowBuffer,
@@ -409,11 +409,16 @@ class NestPipeEngine:
             else:
                 with self.timeline.span("a2a_bwd", "main", step):
                     ret()
+        # The dense gradients are final: their all-reduce travels while the sparse side finishes.
+        dense = self._start_dense_all_reduce(step)
         for handle in backward:
             self._wait("a2a_bwd", step, handle)
         with self.timeline.span("sparse_update", "main", step):
             apply_update(self.collection, buffer)
-        self._dense_update(step)
+        with self.timeline.span("wait:allreduce", "main", step):
+            dense.wait()
+        with self.timeline.span("dense_step", "main", step):
+            self.dense_step()
         return float(total)
 
     # -- dense ----------------------------------------------------------------------------------------
@@ -421,14 +426,12 @@ class NestPipeEngine:
         for p in self.dense_parameters:
             p.grad = None
 
-    def _dense_update(self, step: int) -> None:
+    def _start_dense_all_reduce(self, step: int) -> PendingMean:
         for p in self.dense_parameters:
             if p.grad is None:  # every rank must contribute every tensor to the all-reduce
                 p.grad = torch.zeros_like(p)
         with self.timeline.span("allreduce", "main", step):
-            all_reduce_mean([p.grad for p in self.dense_parameters], self.dense_group)
-        with self.timeline.span("dense_step", "main", step):
-            self.dense_step()
+            return start_all_reduce_mean([p.grad for p in self.dense_parameters], self.dense_group)
 
     # -- bookkeeping ------------------------------------------------------------------------------------
     def _next_step(self) -> int:

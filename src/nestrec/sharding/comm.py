@@ -25,11 +25,12 @@ import torch.distributed as dist
 __all__ = [
     "COMM_BYTES",
     "LatencyShim",
-    "all_reduce_mean",
+    "PendingMean",
     "all_to_all_uneven",
     "exchange_counts",
     "get_latency_shim",
     "set_latency_shim",
+    "start_all_reduce_mean",
 ]
 
 
@@ -102,16 +103,33 @@ def all_to_all_uneven(
     return out
 
 
-def all_reduce_mean(tensors: list[torch.Tensor], group=None, channel: str = "allreduce") -> None:
-    """Average ``tensors`` over the ranks in place, as one flat (coalesced) all-reduce, like DDP's bucket."""
+class PendingMean:
+    """An all-reduce in flight; ``wait()`` lands the averaged values in the original tensors."""
+
+    def __init__(self, tensors: list[torch.Tensor], flat: torch.Tensor | None, work, world: int):
+        self.tensors, self.flat, self.work, self.world = tensors, flat, work, world
+
+    def wait(self) -> None:
+        if self.flat is None:
+            return
+        self.work.wait()
+        self.flat.div_(self.world)
+        offset = 0
+        for t in self.tensors:
+            t.copy_(self.flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+        self.flat = None
+
+
+def start_all_reduce_mean(tensors: list[torch.Tensor], group=None, channel: str = "allreduce") -> PendingMean:
+    """Start averaging ``tensors`` over the ranks as one flat (coalesced) all-reduce, like DDP's bucket.
+
+    Asynchronous, so the caller can do independent work (the sparse update) while it travels.
+    """
     world = _world(group)
     if world == 1 or not tensors:
-        return
+        return PendingMean(tensors, None, None, world)
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, group=group)
-    flat.div_(world)
+    work = dist.all_reduce(flat, group=group, async_op=True)
     _account(channel, flat.numel() * flat.element_size())
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
+    return PendingMean(tensors, flat, work, world)

@@ -24,7 +24,7 @@ from pathlib import Path
 __all__ = ["Span", "Timeline", "EXPOSED_COMM", "EXPOSED_LOOKUP"]
 
 # Main-thread spans that count as exposed embedding communication / exposed lookup.
-EXPOSED_COMM = ("a2a_fwd", "a2a_bwd", "wait:a2a_fwd", "wait:a2a_bwd", "embedding_sync")
+EXPOSED_COMM = ("a2a_fwd", "a2a_bwd", "wait:a2a_fwd", "wait:a2a_bwd")
 EXPOSED_LOOKUP = ("route", "retrieve", "wait:route", "wait:retrieve")
 LANES = ("main", "router", "retrieval", "comm")
 

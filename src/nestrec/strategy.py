@@ -53,7 +53,7 @@ class NestPipeStrategy(DDPStrategy):
         self,
         pipeline: str = "sync",
         micro_batches: int = 8,
-        clustering: str = "signature",
+        clustering: str = "none",
         retrieval_depth: int = 2,
         host_memory_budget_gb: float | None = None,
         accelerator=None,

@@ -70,7 +70,7 @@ class PipelineConfig:
 
     mode: str = "sync"
     micro_batches: int = 8
-    clustering: str = "signature"
+    clustering: str = "none"
     retrieval_depth: int = 2
     seed: int = 0
     # Debug switches for negative controls only: turning either off breaks exactness on purpose.

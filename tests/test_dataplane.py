@@ -123,3 +123,29 @@ def test_an_id_outside_its_table_is_one_line_naming_feature_table_and_id():
     )
     with pytest.raises(UserInputError, match=r"^feature 'b': id 7 is outside table 'b' rows \[0, 7\)$"):
         tables(bad)
+
+
+@pytest.mark.parametrize("sharding", ["range", "cyclic"])
+def test_tables_smaller_than_the_world_shard_on_every_rank(sharding):
+    """A 2-row table over 4 ranks: the last ranks hold empty shards (cyclic used to crash)."""
+    small = [EmbeddingTableConfig("gender", num_rows=2, dim=4)]
+    sizes = []
+    for rank in range(4):
+        tables = ShardedEmbeddingCollection(small, sharding=sharding)
+        tables.shard(rank, 4)
+        sizes.append(tables.stores["gender"].num_rows)
+    assert sizes == [1, 1, 0, 0]
+
+
+def test_pooling_backward_passes_gradcheck_in_every_mode():
+    tables = _collection()
+    route = dataplane.route_keys(tables, [_features(5)])
+    for bag in route.micro[0].features:
+        spec = TABLES[bag.table]
+        unique = torch.randn(
+            int(bag.slots.max()) + 1 if bag.slots.numel() else 1, spec.dim, dtype=torch.float64
+        )
+        unique.requires_grad_(True)
+        torch.autograd.gradcheck(
+            lambda r, b=bag: dataplane._BagLookup.apply(r, b.slots, b, r.device), (unique,)
+        )

@@ -409,10 +409,16 @@ class NestPipeEngine:
             else:
                 with self.timeline.span("a2a_bwd", "main", step):
                     ret()
-        # The dense gradients are final: their all-reduce travels while the sparse side finishes.
-        dense = self._start_dense_all_reduce(step)
+        # The dense gradients are final: their all-reduce travels while the sparse side finishes —
+        # unless it shares a process group with the comm thread's gradient All2All, whose order
+        # against it would then differ between ranks.
+        shared_group = self.dense_group is group
+        if not (overlap and shared_group):
+            dense = self._start_dense_all_reduce(step)
         for handle in backward:
             self._wait("a2a_bwd", step, handle)
+        if overlap and shared_group:
+            dense = self._start_dense_all_reduce(step)
         with self.timeline.span("sparse_update", "main", step):
             apply_update(self.collection, buffer)
         with self.timeline.span("wait:allreduce", "main", step):

@@ -51,7 +51,7 @@ class RowWiseSharding:
         if self.mode == "range":
             start = self.shard_offset(rank)
             return torch.arange(start, start + self.shard_size(rank), dtype=torch.long)
-        return torch.arange(rank, self.num_rows, self.world_size, dtype=torch.long)
+        return torch.arange(min(rank, self.num_rows), self.num_rows, self.world_size, dtype=torch.long)
 
     # -- per-id lookups ----------------------------------------------------------------------------
     def owner(self, ids: torch.Tensor) -> torch.Tensor:

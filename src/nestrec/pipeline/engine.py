@@ -294,7 +294,8 @@ class NestPipeEngine:
         with self.timeline.span("route", "main", step):
             prepared = self._prepare(step, batch)
         with self.timeline.span("retrieve", "main", step):
-            buffer = retrieve(self.collection, prepared.routes)
+            # No other batch's rows are in flight: the shard stores are the working rows.
+            buffer = retrieve(self.collection, prepared.routes, direct=True)
         loss = self._stage5(prepared, buffer)
         with self.timeline.span("write_back", "main", step):
             write_back(self.collection, buffer)

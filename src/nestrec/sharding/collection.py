@@ -41,7 +41,7 @@ class LookupPlan:
     """One training lookup, kept so its gradients can travel the reverse route at update time."""
 
     route: dataplane.BatchRoute
-    buffer: dataplane.RowBuffer  # the owner's rows (and state) the lookup served
+    buffer: dataplane.RowBuffer  # which rows the lookup served on this owner, and their gradients
     leaves: dict[str, torch.Tensor]  # the fetched unique rows; their .grad is the per-row gradient
 
 
@@ -146,7 +146,7 @@ class ShardedEmbeddingCollection(nn.Module):
     def forward(self, features: JaggedFeatures) -> dict[str, torch.Tensor]:
         route = dataplane.route_keys(self, [features], self.key_group)
         training = torch.is_grad_enabled() and self.training
-        buffer = dataplane.retrieve(self, route, with_state=training)
+        buffer = dataplane.retrieve(self, route, direct=True)
         rows = dataplane.send_rows(self, buffer, route, 0, self.embedding_group)
         device = features.values.device
         rows = {name: r.to(device) for name, r in rows.items()}

@@ -133,12 +133,19 @@ class BatchRoute:
 
 @dataclass
 class RowBuffer:
-    """Working copy of the rows one batch touches on this rank's shards (weights + optimizer state)."""
+    """The rows one batch touches on this rank's shards (weights + optimizer state) and their gradients.
+
+    ``direct``: the shard stores themselves are the working rows (``rows`` and ``state`` stay
+    empty). Right whenever no other batch's rows are in flight — ``sync``, ``fwp`` without
+    prefetch, the plain lookup — and it saves the gather into a copy and the write-back. The
+    prefetching schedules need a real copy (``direct=False``): that is the dual buffer.
+    """
 
     keys: dict[str, torch.Tensor]
     rows: dict[str, torch.Tensor]
     state: dict[str, dict[str, torch.Tensor]]
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    direct: bool = False
 
 
 def _check_sharded(collection: ShardedEmbeddingCollection) -> None:
@@ -262,33 +269,36 @@ def route_keys(
     return BatchRoute(local_keys, micro)
 
 
-def retrieve(collection: ShardedEmbeddingCollection, route: BatchRoute, with_state: bool = True) -> RowBuffer:
-    """Stage 4: copy the batch's rows (and their optimizer-state rows) out of the shard stores."""
-    buffer = RowBuffer({}, {}, {})
+def retrieve(collection: ShardedEmbeddingCollection, route: BatchRoute, direct: bool = False) -> RowBuffer:
+    """Stage 4: copy the batch's rows and their optimizer-state rows out of the shard stores
+    (``direct``: only note which rows; the stores serve and take the update themselves)."""
+    buffer = RowBuffer({}, {}, {}, direct=direct)
     for table, keys in zip(collection.tables, route.keys):
         store = collection.stores[table.name]
         buffer.keys[table.name] = keys
+        if direct:
+            buffer.grads[table.name] = store.weight.new_zeros(len(keys), table.dim)
+            continue
         buffer.rows[table.name] = store.gather(keys, torch.device("cpu"))
-        buffer.state[table.name] = store.gather_state(keys, torch.device("cpu")) if with_state else {}
+        buffer.state[table.name] = store.gather_state(keys, torch.device("cpu"))
         buffer.grads[table.name] = torch.zeros_like(buffer.rows[table.name])
     return buffer
 
 
 def merge_buffers(collection: ShardedEmbeddingCollection, buffers: list[RowBuffer]) -> RowBuffer:
-    """One buffer over the union of several lookups' rows, with their gradients summed.
+    """One direct buffer over the union of several direct lookups' rows, their gradients summed.
 
     Several lookups before one update (gradient accumulation, two forward calls) must update each
     row once with the summed gradient, as a dense table's optimizer would.
     """
-    merged = RowBuffer({}, {}, {})
+    if not all(b.direct for b in buffers):
+        raise ValueError("merge_buffers merges direct buffers only (a copy buffer holds rows of its own)")
+    merged = RowBuffer({}, {}, {}, direct=True)
     for table in collection.tables:
         name = table.name
         keys = torch.unique(torch.cat([b.keys[name] for b in buffers]), sorted=True)
-        store = collection.stores[name]
         merged.keys[name] = keys
-        merged.rows[name] = store.gather(keys, torch.device("cpu"))
-        merged.state[name] = store.gather_state(keys, torch.device("cpu"))
-        grads = torch.zeros_like(merged.rows[name])
+        grads = collection.stores[name].weight.new_zeros(len(keys), table.dim)
         for b in buffers:
             grads.index_add_(0, torch.searchsorted(keys, b.keys[name]), b.grads[name])
         merged.grads[name] = grads
@@ -356,13 +366,21 @@ def send_rows(
     names = [t.name for t in collection.tables]
     r = route.micro[micro]
     returned = _fused_all_to_all(
-        [buffer.rows[n][served] for n, served in zip(names, r.served)],
+        [_served_rows(collection, buffer, n, served) for n, served in zip(names, r.served)],
         r.recv_counts,
         r.send_counts,
         group,
         "rows",
     )
     return dict(zip(names, returned))
+
+
+def _served_rows(
+    collection: ShardedEmbeddingCollection, buffer: RowBuffer, name: str, served: torch.Tensor
+) -> torch.Tensor:
+    if buffer.direct:
+        return collection.stores[name].weight.index_select(0, buffer.keys[name][served])
+    return buffer.rows[name][served]
 
 
 def pool_rows(
@@ -450,11 +468,18 @@ def apply_update(collection: ShardedEmbeddingCollection, buffer: RowBuffer) -> N
         grad = buffer.grads[table.name]
         if scale != 1.0:
             grad.mul_(scale)
-        collection.optimizer.update(buffer.rows[table.name], buffer.state[table.name], grad, store.step)
+        if buffer.direct:
+            collection.optimizer.update_in_place(
+                store.weight, store.state, buffer.keys[table.name], grad, store.step
+            )
+        else:
+            collection.optimizer.update(buffer.rows[table.name], buffer.state[table.name], grad, store.step)
 
 
 def write_back(collection: ShardedEmbeddingCollection, buffer: RowBuffer) -> None:
-    """Flush the buffer's rows and state rows into the shard stores."""
+    """Flush the buffer's rows and state rows into the shard stores (nothing to do when direct)."""
+    if buffer.direct:
+        return
     for table in collection.tables:
         collection.stores[table.name].write_back(
             buffer.keys[table.name], buffer.rows[table.name], buffer.state[table.name]

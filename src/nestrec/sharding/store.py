@@ -44,13 +44,3 @@ class ShardStore:
         self.weight.index_copy_(0, index, rows.to(self.weight.device))
         for name, values in state.items():
             self.state[name].index_copy_(0, index, values.to(self.weight.device))
-
-    def apply_update(
-        self, local_index: torch.Tensor, grad: torch.Tensor, optimizer: RowWiseOptimizer, device: torch.device
-    ) -> None:
-        """One optimizer step on the touched rows: gather → update on device → write back."""
-        self.step += 1
-        rows = self.gather(local_index, device)
-        state = self.gather_state(local_index, device)
-        optimizer.update(rows, state, grad.to(rows.dtype), self.step)
-        self.write_back(local_index, rows, state)

@@ -254,7 +254,11 @@ class NestPipeEngine:
         return self._exhausted
 
     def flush(self) -> None:
-        """Make the host shards current (pending write-backs land). Prefetched rows stay valid."""
+        """Make the host shards current (pending write-backs land) and let key routing already in
+        flight finish, so a lookup made next (validation) never shares the key group with it.
+        Prefetched rows and routed batches stay valid."""
+        for future in self._routing:
+            future.result()
         if self._writeback is not None:
             self._writeback.result()
             self._writeback = None

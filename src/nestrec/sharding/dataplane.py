@@ -3,7 +3,9 @@
 ``route_keys`` (stage 3)  every rank tells every owner which rows each of its micro-batches needs,
                            for *all tables at once*: one All2All of counts, one of keys.
 ``retrieve`` (stage 4)     each owner gathers the union of the requested rows — weights and
-                           optimizer-state rows — from its shard stores into a ``RowBuffer``.
+                           optimizer-state rows — from its shard stores into a ``RowBuffer``
+                           (a *direct* buffer only notes the keys: with no other batch in
+                           flight the stores themselves serve the rows and take the update).
 ``reconcile``              the dual-buffer copy: rows of the next batch's buffer that the current
                            batch also touched take their post-update values.
 ``send_rows`` /            per micro-batch (stage 5): owners serve rows from the buffer to the
@@ -13,7 +15,7 @@
                            feature; the backward is a gather + ``index_add_``), so autograd
                            leaves each unique row's summed gradient in the leaf's ``.grad``.
 ``apply_update``           one row-wise optimizer step on the buffer per batch.
-``write_back``             the buffer's rows go back to the shard stores.
+``write_back``             a copy buffer's rows go back to the shard stores.
 
 ``ShardedEmbeddingCollection.forward`` / ``apply_sparse_updates`` (the plain synchronous path) and
 every pipeline schedule of ``NestPipeEngine`` are compositions of these functions; no other code

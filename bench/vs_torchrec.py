@@ -41,6 +41,7 @@ from torch import nn
 from nestrec.embedding import EmbeddingTableConfig
 from nestrec.pipeline.engine import NestPipeEngine, PipelineConfig
 from nestrec.sharding import RowWiseSGD, ShardedEmbeddingCollection
+from nestrec.sharding.collection import initial_rows
 from nestrec.sparse import JaggedFeatures
 
 NESTREC_MODES = {
@@ -178,7 +179,7 @@ class NestrecRunner:
 class TorchrecRunner:
     """TorchRec's DistributedModelParallel with row-wise sharding and a fused SGD in backward."""
 
-    def __init__(self, name: str, args, rank: int, world: int, initial: dict[str, torch.Tensor]):
+    def __init__(self, name: str, args, rank: int, world: int):
         from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
         from torchrec.distributed import DistributedModelParallel
         from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -221,7 +222,7 @@ class TorchrecRunner:
         self.model = DistributedModelParallel(
             model, device=torch.device("cpu"), plan=plan, sharders=[sharder], env=_sharding_env(group)
         )
-        _load_rows(self.model, initial, rank)
+        _load_rows(self.model, args)
         dense_params = {k: v for k, v in self.model.named_parameters() if "ebc" not in k}
         self.optimizer = KeyedOptimizerWrapper(dense_params, lambda p: torch.optim.SGD(p, lr=args.lr))
         cls = TrainPipelineBase if name == "torchrec_base" else TrainPipelineSparseDist
@@ -285,15 +286,18 @@ def _sharding_env(group):
     return ShardingEnv.from_process_group(group)
 
 
-def _load_rows(model, initial: dict[str, torch.Tensor], rank: int) -> None:
+def _load_rows(model, args) -> None:
+    """Each local shard starts from nestrec's initial rows for exactly its row range."""
+    tables = {t.name: t for t in build_tables(args)}
     with torch.no_grad():
         for key, value in model.state_dict().items():
             if "embedding_bags" not in key:
                 continue
-            table = key.split(".")[-2]
+            table = tables[key.split(".")[-2]]
             for shard in value.local_shards():
                 start = shard.metadata.shard_offsets[0]
-                shard.tensor.copy_(initial[table][start : start + shard.tensor.shape[0]])
+                ids = torch.arange(start, start + shard.tensor.shape[0])
+                shard.tensor.copy_(initial_rows(table, ids, seed=0, init_std=args.init_std))
 
 
 def _to_torchrec_batch(batch):
@@ -318,13 +322,13 @@ def worker(rank: int, args, init_file: str, out_file: str) -> None:
         batches = make_batches(args, rank)
         names = [n for n in args.only if n in NESTREC_MODES]
         runners: dict = {n: NestrecRunner(n, args, rank, args.world_size) for n in names}
-        initial_weights = next(iter(runners.values())).final_weights() if args.save_weights else None
+        initial_weights = (
+            next(iter(runners.values())).final_weights() if args.save_weights and runners else None
+        )
         if args.torchrec:
-            reference = next(iter(runners.values())).tables
-            initial = {t.name: reference.initial_table(t) for t in reference.tables}
             for n in TORCHREC_MODES:
                 if n in args.only:
-                    runners[n] = TorchrecRunner(n, args, rank, args.world_size, initial)
+                    runners[n] = TorchrecRunner(n, args, rank, args.world_size)
         chunk_ms: dict[str, list[float]] = {n: [] for n in runners}
         rounds = -(-args.steps // args.chunk)
         for r in range(rounds):

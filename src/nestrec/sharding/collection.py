@@ -33,7 +33,36 @@ from nestrec.sharding.rule import RowWiseSharding
 from nestrec.sharding.store import ShardStore
 from nestrec.sparse.jagged import JaggedFeatures
 
-__all__ = ["ShardedEmbeddingCollection", "LookupPlan"]
+__all__ = ["INIT_CHUNK", "LookupPlan", "ShardedEmbeddingCollection", "initial_rows"]
+
+INIT_CHUNK = 65_536
+
+
+def initial_rows(
+    table: EmbeddingTableConfig,
+    global_ids: torch.Tensor,
+    seed: int = 0,
+    init_std: float = 0.01,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Initial values of rows ``global_ids`` of ``table``, identical for every rank and world size.
+
+    Rows are drawn in fixed chunks of ``INIT_CHUNK`` rows, each from its own seeded generator,
+    so a rank only generates the chunks its rows fall in and never holds the whole table. A
+    module function, so other systems (a TorchRec model in ``bench/vs_torchrec.py``) can start
+    from the same rows without building a collection.
+    """
+    out = torch.empty(len(global_ids), table.dim, dtype=dtype)
+    table_seed = sum(ord(c) * 31**i for i, c in enumerate(table.name)) % 2**31
+    chunks = global_ids // INIT_CHUNK
+    for chunk in torch.unique(chunks).tolist():
+        start = chunk * INIT_CHUNK
+        size = min(INIT_CHUNK, table.num_rows - start)
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + table_seed) * 65_537 + chunk)
+        values = torch.randn(size, table.dim, generator=generator, dtype=dtype) * init_std
+        mine = chunks == chunk
+        out[mine] = values[global_ids[mine] - start]
+    return out
 
 
 @dataclass
@@ -117,25 +146,9 @@ class ShardedEmbeddingCollection(nn.Module):
         self.key_space = dataplane.KeySpace(self)
         self._plans.clear()
 
-    INIT_CHUNK = 65_536
-
     def initial_rows(self, table: EmbeddingTableConfig, global_ids: torch.Tensor) -> torch.Tensor:
-        """Initial values of the given rows, identical for every rank and world size.
-
-        Rows are drawn in fixed chunks of ``INIT_CHUNK`` rows, each from its own seeded generator,
-        so a rank only generates the chunks its rows fall in and never holds the whole table.
-        """
-        out = torch.empty(len(global_ids), table.dim, dtype=self.dtype)
-        table_seed = sum(ord(c) * 31**i for i, c in enumerate(table.name)) % 2**31
-        chunks = global_ids // self.INIT_CHUNK
-        for chunk in torch.unique(chunks).tolist():
-            start = chunk * self.INIT_CHUNK
-            size = min(self.INIT_CHUNK, table.num_rows - start)
-            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + table_seed) * 65_537 + chunk)
-            values = torch.randn(size, table.dim, generator=generator, dtype=self.dtype) * self.init_std
-            mine = chunks == chunk
-            out[mine] = values[global_ids[mine] - start]
-        return out
+        """Initial values of the given rows (see :func:`initial_rows`)."""
+        return initial_rows(table, global_ids, self.seed, self.init_std, self.dtype)
 
     def initial_table(self, table: EmbeddingTableConfig) -> torch.Tensor:
         """The whole table's initial values (for references in tests)."""

@@ -149,3 +149,11 @@ def test_pooling_backward_passes_gradcheck_in_every_mode():
         torch.autograd.gradcheck(
             lambda r, b=bag: dataplane._BagLookup.apply(r, b.slots, b, r.device), (unique,)
         )
+
+
+def test_a_table_that_only_fits_sharded_is_never_built_whole():
+    """2e9 rows x 64 would be 512 GB: construction allocates nothing; a rank builds only its shard."""
+    huge = ShardedEmbeddingCollection([EmbeddingTableConfig("huge", num_rows=2_000_000_000, dim=64)])
+    huge.shard(99_999, 100_000)
+    assert huge.stores["huge"].num_rows == 20_000
+    assert huge.stores["huge"].weight.shape == (20_000, 64)

@@ -115,11 +115,32 @@ class ShardedEmbeddingCollection(nn.Module):
         self.feature_to_table = {f: t for t in self.tables for f in t.features}
         self.rank, self.world_size = 0, 1
         self.key_group = self.embedding_group = None
-        self.rules: dict[str, RowWiseSharding] = {}
-        self.stores: dict[str, ShardStore] = {}
+        self._rules: dict[str, RowWiseSharding] | None = None
+        self._stores: dict[str, ShardStore] | None = None
+        self._key_space: dataplane.KeySpace | None = None
         self._plans: list[LookupPlan] = []
         self._device = torch.device("cpu")
-        self.shard(0, 1)
+
+    # Shards are built on first use, not here: a table that only fits sharded must never be
+    # materialised whole on every rank before the strategy calls ``shard(rank, world)``. A
+    # collection used without a strategy becomes one unsharded shard (rank 0 of 1) then.
+    @property
+    def rules(self) -> dict[str, RowWiseSharding]:
+        if self._rules is None:
+            self.shard(self.rank, self.world_size)
+        return self._rules
+
+    @property
+    def stores(self) -> dict[str, ShardStore]:
+        if self._stores is None:
+            self.shard(self.rank, self.world_size)
+        return self._stores
+
+    @property
+    def key_space(self) -> dataplane.KeySpace:
+        if self._key_space is None:
+            self.shard(self.rank, self.world_size)
+        return self._key_space
 
     # ---------------------------------------------------------------------------------------------
     # placement
@@ -136,14 +157,14 @@ class ShardedEmbeddingCollection(nn.Module):
         self.key_group, self.embedding_group = key_group, embedding_group
         self._device = torch.device(device) if device is not None else torch.device("cpu")
         pin = self._device.type not in ("cpu", "meta")
-        self.rules = {
+        self._rules = {
             t.name: RowWiseSharding(t.num_rows, world_size, self.sharding_mode) for t in self.tables
         }
-        self.stores = {}
+        self._stores = {}
         for table in self.tables:
-            local = self.initial_rows(table, self.rules[table.name].global_ids(rank))
-            self.stores[table.name] = ShardStore(local, self.optimizer, pin_memory=pin)
-        self.key_space = dataplane.KeySpace(self)
+            local = self.initial_rows(table, self._rules[table.name].global_ids(rank))
+            self._stores[table.name] = ShardStore(local, self.optimizer, pin_memory=pin)
+        self._key_space = dataplane.KeySpace(self)
         self._plans.clear()
 
     def initial_rows(self, table: EmbeddingTableConfig, global_ids: torch.Tensor) -> torch.Tensor:

@@ -71,7 +71,6 @@ class KeySpace:
     def __init__(self, collection: ShardedEmbeddingCollection):
         tables, world = collection.tables, collection.world_size
         self.names = [t.name for t in tables]
-        self.dims = [t.dim for t in tables]
         rows = torch.tensor([t.num_rows for t in tables], dtype=torch.long)
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), rows.cumsum(0)])
         self.cyclic = collection.sharding_mode == "cyclic"
@@ -186,7 +185,17 @@ def _check_ids(space: KeySpace, features: JaggedFeatures, per_feature: torch.Ten
     return table
 
 
-def _requester_side(collection: ShardedEmbeddingCollection, features: JaggedFeatures):
+@dataclass
+class _RequesterSide:
+    """One micro-batch deduplicated over all tables, before the key All2All."""
+
+    bags: list[FeatureBags]
+    table: torch.Tensor  # table of each unique key
+    owner: torch.Tensor  # owner rank of each unique key
+    slot: torch.Tensor  # its slot in the owner's concatenated local shards
+
+
+def _requester_side(collection: ShardedEmbeddingCollection, features: JaggedFeatures) -> _RequesterSide:
     """Dedup one micro-batch over all tables; owner and owner slot of every unique key."""
     space = collection.key_space
     features = features.to("cpu")
@@ -222,7 +231,7 @@ def _requester_side(collection: ShardedEmbeddingCollection, features: JaggedFeat
             )
         )
         begin += count
-    return bags, unique_table, owner, slot
+    return _RequesterSide(bags, unique_table, owner, slot)
 
 
 def route_keys(
@@ -234,11 +243,11 @@ def route_keys(
     world, num_micro, num_tables = space.world, len(micro_features), len(space.names)
     sides = [_requester_side(collection, f) for f in micro_features]
     # Payload layout: owner-major, then micro-batch, then table, then id — one All2All carries all.
-    tables = torch.cat([s[1] for s in sides])
-    owners = torch.cat([s[2] for s in sides])
-    slots = torch.cat([s[3] for s in sides])
+    tables = torch.cat([s.table for s in sides])
+    owners = torch.cat([s.owner for s in sides])
+    slots = torch.cat([s.slot for s in sides])
     micro_of = torch.repeat_interleave(
-        torch.arange(num_micro), torch.tensor([len(s[1]) for s in sides], dtype=torch.long)
+        torch.arange(num_micro), torch.tensor([len(s.table) for s in sides], dtype=torch.long)
     )
     bucket = (owners * num_micro + micro_of) * num_tables + tables
     send = slots[torch.argsort(bucket, stable=True)]
@@ -255,10 +264,10 @@ def route_keys(
     local_keys = [keys[bounds[t] : bounds[t + 1]] - space.rank_local_offsets[t] for t in range(num_tables)]
     chunks = served.split(recv.tolist())  # source-major, micro-batch, table
     micro = []
-    for i, (bags, *_rest) in enumerate(sides):
+    for i, side in enumerate(sides):
         micro.append(
             MicroRoute(
-                features=bags,
+                features=side.bags,
                 send_counts=[[counts_l[r][i][t] for r in range(world)] for t in range(num_tables)],
                 recv_counts=[[recv_l[s][i][t] for s in range(world)] for t in range(num_tables)],
                 served=[

@@ -87,9 +87,21 @@ class TinyModel:
         return F.binary_cross_entropy_with_logits(self.head(pooled), batch[1], reduction="sum")
 
 
-def train(rank: int, world_size: int, config: PipelineConfig, sparse: str, groups) -> dict[str, torch.Tensor]:
+class CopyBufferCollection(ShardedEmbeddingCollection):
+    """Tables whose every lookup copies its rows into a working buffer and writes them back: the
+    path of host-resident shards on an accelerator (``storage=host``), run here on CPU."""
+
+    @property
+    def direct_buffers(self) -> bool:
+        return False
+
+
+def train(
+    rank: int, world_size: int, config: PipelineConfig, sparse: str, groups, copy_buffers: bool = False
+) -> dict[str, torch.Tensor]:
     optimizer = RowWiseAdagrad(lr=0.3) if sparse == "adagrad" else RowWiseAdam(lr=0.05)
-    tables = ShardedEmbeddingCollection(TABLES, optimizer=optimizer, dtype=torch.float64)
+    kind = CopyBufferCollection if copy_buffers else ShardedEmbeddingCollection
+    tables = kind(TABLES, optimizer=optimizer, dtype=torch.float64)
     tables.shard(rank, world_size, *groups)
     head = Head()
     dense_opt = torch.optim.Adam(head.parameters(), lr=0.01)
@@ -108,14 +120,16 @@ def train(rank: int, world_size: int, config: PipelineConfig, sparse: str, group
     return out
 
 
-def worker(rank: int, world_size: int, runs: list[tuple[str, dict, str]], init_file: str, out_file: str):
-    """Train every ``(label, PipelineConfig kwargs, sparse optimizer)`` in ``runs``; rank 0 saves."""
+def worker(rank: int, world_size: int, runs: list[tuple], init_file: str, out_file: str):
+    """Train every ``(label, PipelineConfig kwargs, sparse optimizer[, "copy"])`` in ``runs``
+    (``"copy"``: a :class:`CopyBufferCollection`); rank 0 saves."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         groups = (dist.new_group(backend="gloo"), dist.new_group(backend="gloo"))
         results = {
-            label: train(rank, world_size, PipelineConfig(**kw), sparse, groups) for label, kw, sparse in runs
+            label: train(rank, world_size, PipelineConfig(**kw), sparse, groups, "copy" in extra)
+            for label, kw, sparse, *extra in runs
         }
         if rank == 0:
             torch.save(results, Path(out_file))

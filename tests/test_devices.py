@@ -8,14 +8,15 @@ import time
 import pytest
 import torch
 
-from nestrec.devices import get_device_api
+from nestrec.devices import HostSyncError, get_device_api
 from nestrec.errors import ConfigError
 
 
-def test_cpu_stream_runs_in_order_and_concurrently():
+def test_cpu_lane_runs_in_order_and_concurrently():
     api = get_device_api("cpu")
     assert api.backend == "gloo" and api.is_available()
-    stream = api.new_stream()
+    lane = api.new_lane("test")
+    assert lane.stream is None  # a CPU lane is its thread only
     order: list[int] = []
     caller = threading.get_ident()
     threads: set[int] = set()
@@ -26,12 +27,41 @@ def test_cpu_stream_runs_in_order_and_concurrently():
         threads.add(threading.get_ident())
         return torch.tensor(i)
 
-    handles = [api.submit(stream, lambda i=i: work(i)) for i in range(5)]
+    handles = [lane.submit(lambda i=i: work(i)) for i in range(5)]
     done_at_submit = len(order)
     results = [int(h.wait()) for h in handles]
+    lane.shutdown()
     assert results == order == [0, 1, 2, 3, 4]
     assert caller not in threads and len(threads) == 1
     assert done_at_submit < 5  # submit returned while the 50 ms of queued work was still running
+
+
+@pytest.mark.parametrize(
+    "sync",
+    [
+        lambda x: x.sum().item(),
+        lambda x: x.tolist(),
+        lambda x: bool(x.any()),
+        lambda x: float(x[0]),
+        lambda x: x.cpu(),
+        lambda x: x.nonzero(),
+        lambda x: torch.unique(x),
+    ],
+    ids=["item", "tolist", "bool", "float", "cpu", "nonzero", "unique"],
+)
+def test_host_sync_guard_raises_on_the_calling_thread_only(sync):
+    api = get_device_api("cpu")
+    x = torch.arange(6.0)
+    with api.host_sync_guard():
+        y = (x * 2 + 1).index_select(0, torch.tensor([1, 3]))  # device-side work is allowed
+        with pytest.raises(HostSyncError, match="host synchronisation"):
+            sync(x)
+        # another thread (a lane) may sync: the guard is thread-local
+        lane = api.new_lane("sync-ok")
+        assert lane.submit(lambda: sync(x)).wait() is not None
+        lane.shutdown()
+    sync(x)  # outside the block nothing is checked
+    assert y.tolist() == [3.0, 7.0]
 
 
 def test_unknown_device_type_is_a_config_error():
@@ -40,9 +70,11 @@ def test_unknown_device_type_is_a_config_error():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on these CPU machines)")
-def test_cuda_stream_orders_consumer_after_producer():
+def test_cuda_lane_orders_consumer_after_producer():
     api = get_device_api("cuda")
-    stream = api.new_stream()
+    lane = api.new_lane("test")
     x = torch.randn(1024, 1024, device="cuda")
-    handle = api.submit(stream, lambda: x @ x)
+    x.mul_(2)  # queued on the main stream before the submit: the lane's stream must see it
+    handle = lane.submit(lambda: x @ x)
     torch.testing.assert_close(handle.wait(), x @ x)
+    lane.shutdown()

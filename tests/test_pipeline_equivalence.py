@@ -4,7 +4,10 @@
 are parameters too), every embedding row, optimizer-state row and dense parameter compared to
 1e-10 — for ``dbp``, ``fwp`` (N = 1, 2, 4, 8), ``nested``, with and without clustering. The
 negative controls switch off the dual-buffer copy or the write-back ordering and must *fail*.
-One spawn per world size runs every schedule, so the suite stays fast.
+Every schedule runs with ``check_host_sync``: a host synchronisation inside a micro-batch loop
+(``.item()``, ``.cpu()``, ``bool(t)``...) raises, so the loop would not stall a GPU. ``copy``
+runs take the path of host-resident shards on an accelerator (rows copied into a working buffer
+and written back). One spawn per world size runs every schedule, so the suite stays fast.
 """
 
 from __future__ import annotations
@@ -17,19 +20,27 @@ from pipeline_reference import worker
 
 TOLERANCE = 1e-10
 
+GUARD = {"check_host_sync": True}
+
 RUNS = [
-    ("sync", {"mode": "sync"}, "adagrad"),
-    ("dbp", {"mode": "dbp"}, "adagrad"),
+    ("sync", {"mode": "sync", **GUARD}, "adagrad"),
+    ("dbp", {"mode": "dbp", **GUARD}, "adagrad"),
     *[
-        (f"fwp-{n}-{c}", {"mode": "fwp", "micro_batches": n, "clustering": c}, "adagrad")
+        (f"fwp-{n}-{c}", {"mode": "fwp", "micro_batches": n, "clustering": c, **GUARD}, "adagrad")
         for n in (1, 2, 4, 8)
         for c in ("none", "signature")
     ],
-    ("nested-4-none", {"mode": "nested", "micro_batches": 4, "clustering": "none"}, "adagrad"),
-    ("nested-4-signature", {"mode": "nested", "micro_batches": 4, "clustering": "signature"}, "adagrad"),
-    ("nested-8-greedy", {"mode": "nested", "micro_batches": 8, "clustering": "greedy"}, "adagrad"),
-    ("sync-adam", {"mode": "sync"}, "adam"),
-    ("nested-adam", {"mode": "nested", "micro_batches": 4}, "adam"),
+    ("nested-4-none", {"mode": "nested", "micro_batches": 4, "clustering": "none", **GUARD}, "adagrad"),
+    (
+        "nested-4-signature",
+        {"mode": "nested", "micro_batches": 4, "clustering": "signature", **GUARD},
+        "adagrad",
+    ),
+    ("nested-8-greedy", {"mode": "nested", "micro_batches": 8, "clustering": "greedy", **GUARD}, "adagrad"),
+    ("sync-adam", {"mode": "sync", **GUARD}, "adam"),
+    ("nested-adam", {"mode": "nested", "micro_batches": 4, **GUARD}, "adam"),
+    ("sync-copy", {"mode": "sync", **GUARD}, "adagrad", "copy"),
+    ("fwp-4-copy", {"mode": "fwp", "micro_batches": 4, **GUARD}, "adagrad", "copy"),
     # negative controls
     ("nested-no-copy", {"mode": "nested", "micro_batches": 4, "dual_buffer_copy": False}, "adagrad"),
     ("dbp-no-writeback-order", {"mode": "dbp", "writeback_ordering": False}, "adagrad"),
@@ -52,7 +63,7 @@ def _max_diff(a: dict, b: dict) -> dict[str, float]:
     return {k: (a[k] - b[k]).abs().max().item() for k in a}
 
 
-EXACT = [label for label, kw, _ in RUNS if kw["mode"] != "sync" and "no-" not in label]
+EXACT = [run[0] for run in RUNS if run[0] not in ("sync", "sync-adam") and "no-" not in run[0]]
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -118,6 +129,49 @@ def _two_batch_run(config) -> dict[str, torch.Tensor]:
         "item.weight": tables.gather_full("item"),
         "item.state.sum": tables.gather_full("item", "state.sum"),
     }
+
+
+class _SyncingModel:
+    """The test model, plus the mistake the host-sync guard exists to catch: reading the loss."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def loss_sum(self, batch, pooled):
+        loss = self.model.loss_sum(batch, pooled)
+        if loss.item() > 1e9:  # e.g. a divergence check inside the step
+            raise AssertionError
+        return loss
+
+
+@pytest.mark.parametrize("mode", ["sync", "dbp", "fwp", "nested"])
+def test_host_sync_guard_catches_a_sync_in_the_micro_batch_loop(mode):
+    """Negative control of ``check_host_sync``: the same step with one ``.item()`` in the model fails."""
+    from nestrec.devices import HostSyncError
+    from nestrec.pipeline.engine import NestPipeEngine, PipelineConfig
+    from nestrec.sharding import ShardedEmbeddingCollection
+    from pipeline_reference import TinyModel, local_batches
+    from sharded_reference import TABLES, Head
+
+    def run(model_wrapper, check):
+        tables = ShardedEmbeddingCollection(TABLES, dtype=torch.float64)
+        head = Head()
+        config = PipelineConfig(mode=mode, micro_batches=2, check_host_sync=check)
+        engine = NestPipeEngine(
+            model_wrapper(TinyModel(head)), tables, list(head.parameters()), lambda: None, config
+        )
+        try:
+            return engine.step(iter(local_batches(1, 0)[:3]))[0].loss
+        finally:
+            engine.close()
+
+    assert run(lambda m: m, check=True) > 0  # the plain model's loop is free of host syncs
+    assert run(_SyncingModel, check=False) > 0  # unchecked, the syncing model trains
+    with pytest.raises(HostSyncError, match=r"item\(\)"):
+        run(_SyncingModel, check=True)
 
 
 def test_fbgemm_prefetch_race_is_closed_by_the_dual_buffer_copy():

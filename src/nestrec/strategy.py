@@ -5,9 +5,14 @@ plus four things, in the order a run meets them:
 
 1. ``setup_distributed``: two extra process groups, one for key routing and one for embedding
    rows/gradients, so the pipelines can overlap those collectives with the dense all-reduce
-   without cross-stage ordering deadlocks.
+   without cross-stage ordering deadlocks. They use the accelerator's backend (NCCL on CUDA,
+   HCCL on Ascend, gloo on CPU), so rows and gradients travel device to device;
+   ``embedding_backend="gloo"`` routes them through host memory instead.
 2. ``setup``: every ``ShardedEmbeddingCollection`` in the model is sharded for this rank *before*
    DDP wraps the model. The collections hold no ``nn.Parameter``, so DDP never averages them.
+   ``table_storage`` says where the master shards live: ``host`` (pinned host memory on an
+   accelerator; each batch's rows are copied into a device buffer — the paper's hierarchical
+   storage) or ``device`` (whole shards on the accelerator, when they fit).
 3. ``optimizer_step``: after Lightning's closure (forward, backward) and the dense optimizer step,
    the tables' summed per-row gradients go to their owners and the row-wise optimizer runs once.
 4. Checkpoints are directories: Lightning's dict in ``meta.pt`` plus one shard file per rank
@@ -39,7 +44,7 @@ from nestrec.devices import get_device_api
 from nestrec.errors import ConfigError
 from nestrec.pipeline.engine import PIPELINE_MODES, PipelineConfig
 from nestrec.pipeline.lightning import PipelinedLightningModule
-from nestrec.sharding.collection import ShardedEmbeddingCollection
+from nestrec.sharding.collection import STORAGE_PLACES, ShardedEmbeddingCollection
 
 __all__ = ["NestPipeStrategy", "PIPELINES"]
 
@@ -56,6 +61,9 @@ class NestPipeStrategy(DDPStrategy):
         clustering: str = "none",
         retrieval_depth: int = 2,
         host_memory_budget_gb: float | None = None,
+        table_storage: str = "host",
+        embedding_backend: str | None = None,
+        check_host_sync: bool = False,
         accelerator=None,
         parallel_devices=None,
         cluster_environment=None,
@@ -68,8 +76,18 @@ class NestPipeStrategy(DDPStrategy):
     ):
         # Validates every pipeline option before any process starts.
         self.pipeline_config = PipelineConfig(
-            mode=pipeline, micro_batches=micro_batches, clustering=clustering, retrieval_depth=retrieval_depth
+            mode=pipeline,
+            micro_batches=micro_batches,
+            clustering=clustering,
+            retrieval_depth=retrieval_depth,
+            check_host_sync=check_host_sync,
         )
+        if table_storage not in STORAGE_PLACES:
+            raise ConfigError(
+                f"strategy.table_storage={table_storage!r} is not one of {', '.join(STORAGE_PLACES)}"
+            )
+        self.table_storage = table_storage
+        self.embedding_backend = embedding_backend
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -88,12 +106,10 @@ class NestPipeStrategy(DDPStrategy):
     # -- life of a run -----------------------------------------------------------------------------
     def setup_distributed(self) -> None:
         super().setup_distributed()
-        # The sync pipeline keeps shards in host memory and routes keys and rows as CPU tensors, so
-        # its groups are gloo whatever the dense backend (NCCL/HCCL only take device tensors).
-        # Device-resident All2All on the accelerator's backend comes with the pipelines.
         # Collective calls on a new group must be made by all ranks in the same order: here, once.
-        self.key_group = dist.new_group(backend="gloo")
-        self.embedding_group = dist.new_group(backend="gloo")
+        backend = self.embedding_backend or self._get_process_group_backend()
+        self.key_group = dist.new_group(backend=backend)
+        self.embedding_group = dist.new_group(backend=backend)
 
     def _get_process_group_backend(self) -> str:
         if self._process_group_backend is None and self.root_device.type not in ("cpu", "cuda"):
@@ -132,7 +148,12 @@ class NestPipeStrategy(DDPStrategy):
                 or collection.key_group is None
             ):
                 collection.shard(
-                    self.global_rank, self.world_size, self.key_group, self.embedding_group, self.root_device
+                    self.global_rank,
+                    self.world_size,
+                    self.key_group,
+                    self.embedding_group,
+                    self.root_device,
+                    storage=self.table_storage,
                 )
         super().setup(trainer)
 

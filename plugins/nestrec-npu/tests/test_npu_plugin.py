@@ -40,7 +40,8 @@ def test_hccl_all_to_all_and_stream_on_npu():
         torch.device("npu", 0)
     ]  # needs torch_npu's device type
     api = get_device_api("npu")
-    stream = api.new_stream()
+    lane = api.new_lane("test")
     x = torch.arange(8.0, device="npu")
-    handle = api.submit(stream, lambda: x * 2)
+    handle = lane.submit(lambda: x * 2)
     assert torch.equal(handle.wait().cpu(), torch.arange(8.0) * 2)
+    lane.shutdown()

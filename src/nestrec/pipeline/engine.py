@@ -25,21 +25,28 @@ Ordering rules that keep DBP exact (design brief §3.3), each enforced here:
 ``dual_buffer_copy=False`` and ``writeback_ordering=False`` exist only as negative controls:
 each deterministically breaks exactness, which is how the tests prove they detect staleness.
 
-On CPU the "streams" are single-worker threads (gloo collectives and sleeps release the GIL);
-each thread owns one process group, so concurrent collectives never interleave within a group.
+Stages off the main thread run on *lanes* (:class:`nestrec.devices.Lane`): a worker thread each
+(gloo collectives and sleeps release the GIL) plus, on an accelerator, a stream each, ordered
+against the main stream by events. Each lane owns one process group (``router``: keys,
+``comm``: rows and gradients), so concurrent collectives never interleave within a group. The
+micro-batch loop on the main thread never synchronises with the device: route indices and the
+dual-buffer copy's positions are prepared on lanes, the loss is summed on the device and read
+once per batch, when ``StepResult.loss`` is first read. ``PipelineConfig.check_host_sync``
+turns that promise into an error (:meth:`nestrec.devices.DeviceAPI.host_sync_guard`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from nestrec.devices import Lane, LaneHandle
 from nestrec.errors import ConfigError
 from nestrec.pipeline.clustering import CLUSTERING_METHODS, cluster_samples, sample_keys
 from nestrec.pipeline.timeline import Timeline
@@ -47,8 +54,10 @@ from nestrec.sharding.collection import ShardedEmbeddingCollection
 from nestrec.sharding.comm import PendingMean, start_all_reduce_mean
 from nestrec.sharding.dataplane import (
     BatchRoute,
+    ReconcilePlan,
     RowBuffer,
     apply_update,
+    plan_reconcile,
     pool_rows,
     reconcile,
     retrieve,
@@ -76,6 +85,8 @@ class PipelineConfig:
     # Debug switches for negative controls only: turning either off breaks exactness on purpose.
     dual_buffer_copy: bool = True
     writeback_ordering: bool = True
+    # Raise HostSyncError if the micro-batch loop blocks the host on the device (tests, gpu_check).
+    check_host_sync: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in PIPELINE_MODES:
@@ -128,7 +139,7 @@ def _normalizer(model: PipelinedModel, batch: Any, size: int) -> int:
 
 @dataclass
 class StepResult:
-    loss: float  # mean loss of the local batch
+    loss_tensor: torch.Tensor  # mean loss of the local batch, on the compute device
     batch_size: int
     step: int
     step_ms: float
@@ -136,6 +147,11 @@ class StepResult:
     exposed_lookup_ms: float
     dual_buffer_rows: int = 0
     stages: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> float:
+        """The loss as a Python float (reading it waits for the device)."""
+        return float(self.loss_tensor)
 
 
 @dataclass
@@ -150,12 +166,12 @@ class _Prepared:
 
 
 class _Ready:
-    """A handle that is already complete (same ``wait()`` as a future's)."""
+    """A handle that is already complete (same ``wait()`` as a lane's)."""
 
     def __init__(self, value: Any):
         self.value = value
 
-    def result(self) -> Any:
+    def wait(self) -> Any:
         return self.value
 
 
@@ -189,40 +205,39 @@ class NestPipeEngine:
         self.config = config or PipelineConfig()
         self.dense_group = dense_group
         self.timeline = timeline or Timeline()
-        self.device = collection._device
+        self.device = collection.compute_device
+        self.device_api = collection.device_api
         self._feature_table = {f: t.name for t in collection.tables for f in t.features}
-        self._threads: dict[str, ThreadPoolExecutor] = {}
+        self._lanes: dict[str, Lane] = {}
         self._step = 0
         self._iterator: Iterator | None = None
         self._exhausted = True
-        self._routing: deque[Future] = deque()
+        self._routing: deque[LaneHandle] = deque()
         self._current: tuple[_Prepared, Any] | None = None
-        self._writeback: Future | None = None
+        self._writeback: LaneHandle | None = None
         self._deferred: RowBuffer | None = None
 
-    # -- threads ------------------------------------------------------------------------------------
-    def _thread(self, lane: str) -> ThreadPoolExecutor:
-        if lane not in self._threads:
-            self._threads[lane] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"nestpipe-{lane}")
-        return self._threads[lane]
+    # -- lanes --------------------------------------------------------------------------------------
+    def _submit(self, lane: str, name: str, step: int, fn: Callable[[], Any]) -> LaneHandle:
+        if lane not in self._lanes:
+            self._lanes[lane] = self.device_api.new_lane(f"nestpipe-{lane}")
 
-    def _submit(self, lane: str, name: str, step: int, fn: Callable[[], Any]) -> Future:
         def run():
             with self.timeline.span(name, lane, step):
                 return fn()
 
-        return self._thread(lane).submit(run)
+        return self._lanes[lane].submit(run)
 
     def _wait(self, name: str, step: int, handle) -> Any:
         with self.timeline.span(f"wait:{name}", "main", step):
-            return handle.result()
+            return handle.wait()
 
     def close(self) -> None:
-        """Finish pending work and stop the threads."""
+        """Finish pending work and stop the lanes."""
         self.flush()
-        for pool in self._threads.values():
-            pool.shutdown(wait=True)
-        self._threads.clear()
+        for lane in self._lanes.values():
+            lane.shutdown()
+        self._lanes.clear()
 
     # -- public -------------------------------------------------------------------------------------
     def step(self, iterator: Iterator) -> list[StepResult]:
@@ -257,10 +272,10 @@ class NestPipeEngine:
         """Make the host shards current (pending write-backs land) and let key routing already in
         flight finish, so a lookup made next (validation) never shares the key group with it.
         Prefetched rows and routed batches stay valid."""
-        for future in self._routing:
-            future.result()
+        for handle in self._routing:
+            handle.wait()
         if self._writeback is not None:
-            self._writeback.result()
+            self._writeback.wait()
             self._writeback = None
         if self._deferred is not None:
             write_back(self.collection, self._deferred)
@@ -268,8 +283,8 @@ class NestPipeEngine:
 
     def reset(self) -> None:
         """Drop read-ahead state (new epoch, restored checkpoint). Nothing trained is lost."""
-        for future in self._routing:
-            future.result()  # collectives already issued must complete on every rank
+        for handle in self._routing:
+            handle.wait()  # collectives already issued must complete on every rank
         self._routing.clear()
         self._current = None
         self.flush()
@@ -318,10 +333,16 @@ class NestPipeEngine:
                 self._submit("router", "route", step, lambda s=step, b=batch: self._prepare(s, b))
             )
 
-    def _retrieval(self, prepared: _Prepared) -> Future:
-        return self._submit(
-            "retrieval", "retrieve", prepared.step, lambda: retrieve(self.collection, prepared.routes)
-        )
+    def _retrieval(self, prepared: _Prepared, after: _Prepared | None = None) -> LaneHandle:
+        """Stage 4 on the retrieval lane; with ``after`` (the batch computing now) also the
+        positions of the dual-buffer copy, so the copy itself never waits on the host."""
+
+        def run() -> tuple[RowBuffer, ReconcilePlan | None]:
+            buffer = retrieve(self.collection, prepared.routes)
+            plan = plan_reconcile(self.collection, after.routes, prepared.routes) if after else None
+            return buffer, plan
+
+        return self._submit("retrieval", "retrieve", prepared.step, run)
 
     def _run_prefetched(self) -> list[StepResult]:
         results = []
@@ -337,26 +358,26 @@ class NestPipeEngine:
             upcoming = None
             if self._routing:
                 nxt = self._wait("route", step, self._routing.popleft())
-                # Queued after write-back(t-1) on the same thread: reads see every earlier update.
-                upcoming = (nxt, self._retrieval(nxt))
+                # Queued after write-back(t-1) on the same lane: reads see every earlier update.
+                upcoming = (nxt, self._retrieval(nxt, after=prepared))
                 self._fill()
             if self._deferred is not None:  # negative control: write-back lands after the read
                 if upcoming is not None:
-                    upcoming[1].result()
+                    upcoming[1].wait()
                 write_back(self.collection, self._deferred)
                 self._deferred = None
-            active = self._wait("retrieve", step, handle)
+            active, _ = self._wait("retrieve", step, handle)
             loss = self._stage5(prepared, active)
             copied = 0
             if upcoming is not None:
-                prefetch = self._wait("retrieve", step, upcoming[1])
+                prefetch, plan = self._wait("retrieve", step, upcoming[1])
                 if self.config.dual_buffer_copy:
                     with self.timeline.span("dual_buffer_copy", "main", step):
-                        copied = reconcile(active, prefetch)
-                upcoming = (upcoming[0], _Ready(prefetch))
+                        copied = reconcile(active, prefetch, plan)
+                upcoming = (upcoming[0], _Ready((prefetch, None)))
             if self.config.writeback_ordering:
                 if self._writeback is not None:
-                    self._writeback.result()
+                    self._writeback.wait()
                 self._writeback = self._submit(
                     "retrieval", "write_back", step, lambda b=active: write_back(self.collection, b)
                 )
@@ -370,7 +391,7 @@ class NestPipeEngine:
         return results
 
     # -- stage 5 ------------------------------------------------------------------------------------
-    def _stage5(self, prepared: _Prepared, buffer: RowBuffer) -> float:
+    def _stage5(self, prepared: _Prepared, buffer: RowBuffer) -> torch.Tensor:
         """FWP over the prepared micro-batches: forward All2All ahead, gradient All2All behind."""
         step, micro, routes = prepared.step, prepared.micro, prepared.routes
         overlap = len(micro) > 1
@@ -380,42 +401,43 @@ class NestPipeEngine:
         def fetch(i: int):
             return lambda: send_rows(self.collection, buffer, routes, i, group)
 
-        forward: dict[int, Any] = {}
-        backward: list[Any] = []
+        def give_back(i: int, grads: dict[str, torch.Tensor]):
+            return lambda: return_grads(self.collection, buffer, routes, i, grads, group)
+
+        forward: dict[int, LaneHandle] = {}
+        backward: list[LaneHandle] = []
         if overlap:
             forward[0] = self._submit("comm", "a2a_fwd", step, fetch(0))
-        total = torch.zeros((), dtype=torch.float64)  # summed on the device; one host read per batch
-        for i, batch in enumerate(micro):
-            if overlap:
-                if i + 1 < len(micro):
-                    forward[i + 1] = self._submit("comm", "a2a_fwd", step, fetch(i + 1))
-                rows = self._wait("a2a_fwd", step, forward.pop(i))
-            else:
-                with self.timeline.span("a2a_fwd", "main", step):
-                    rows = fetch(i)()
-            with self.timeline.span("compute", "main", step):
-                # Rows arrive on the host (gloo); dense compute runs where the model lives.
-                leaves = {name: r.to(self.device).detach().requires_grad_(True) for name, r in rows.items()}
-                if prepared.micro_sizes[i]:  # an empty micro-batch still joins the collectives
-                    pooled = pool_rows(self.collection, routes, i, leaves)
-                    loss = self.model.loss_sum(batch, pooled) / prepared.normalizer
-                    loss.backward()
-                    total = total.to(loss.device) + loss.detach()
-                grads = {
-                    n: (leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).cpu()
-                    for n, leaf in leaves.items()
-                }
-
-            def ret(i: int = i, g: dict = grads) -> None:
-                return_grads(self.collection, buffer, routes, i, g, group)
-
-            if overlap:
-                backward.append(self._submit("comm", "a2a_bwd", step, ret))
-            else:
-                with self.timeline.span("a2a_bwd", "main", step):
-                    ret()
+        # Summed on the device; read on the host only when someone reads StepResult.loss.
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        check = self.config.check_host_sync
+        with self.device_api.host_sync_guard() if check else contextlib.nullcontext():
+            for i, batch in enumerate(micro):
+                if overlap:
+                    if i + 1 < len(micro):
+                        forward[i + 1] = self._submit("comm", "a2a_fwd", step, fetch(i + 1))
+                    rows = self._wait("a2a_fwd", step, forward.pop(i))
+                else:
+                    with self.timeline.span("a2a_fwd", "main", step):
+                        rows = fetch(i)()
+                with self.timeline.span("compute", "main", step):
+                    leaves = {name: r.detach().requires_grad_(True) for name, r in rows.items()}
+                    if prepared.micro_sizes[i]:  # an empty micro-batch still joins the collectives
+                        pooled = pool_rows(self.collection, routes, i, leaves)
+                        loss = self.model.loss_sum(batch, pooled) / prepared.normalizer
+                        loss.backward()
+                        total += loss.detach()
+                    grads = {
+                        n: leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+                        for n, leaf in leaves.items()
+                    }
+                if overlap:
+                    backward.append(self._submit("comm", "a2a_bwd", step, give_back(i, grads)))
+                else:
+                    with self.timeline.span("a2a_bwd", "main", step):
+                        give_back(i, grads)()
         # The dense gradients are final: their all-reduce travels while the sparse side finishes —
-        # unless it shares a process group with the comm thread's gradient All2All, whose order
+        # unless it shares a process group with the comm lane's gradient All2All, whose order
         # against it would then differ between ranks.
         shared_group = self.dense_group is group
         if not (overlap and shared_group):
@@ -430,7 +452,7 @@ class NestPipeEngine:
             dense.wait()
         with self.timeline.span("dense_step", "main", step):
             self.dense_step()
-        return float(total)
+        return total
 
     # -- dense ----------------------------------------------------------------------------------------
     def _zero_dense_grads(self) -> None:
@@ -450,10 +472,10 @@ class NestPipeEngine:
         self._step += 1
         return step
 
-    def _result(self, step: int, start: float, loss: float, size: int, copied: int = 0) -> StepResult:
+    def _result(self, step: int, start: float, loss: torch.Tensor, size: int, copied: int = 0) -> StepResult:
         comm, lookup = self.timeline.exposed_ms(step)
         return StepResult(
-            loss=loss,
+            loss_tensor=loss,
             batch_size=size,
             step=step,
             step_ms=(time.perf_counter() - start) * 1e3,

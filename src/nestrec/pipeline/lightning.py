@@ -147,10 +147,12 @@ class PipelinedLightningModule(pl.LightningModule):
         if not results:
             return None
         [result] = results  # the engine trains one batch per call
-        self.log("train/loss", result.loss, prog_bar=True, sync_dist=True, batch_size=result.batch_size)
+        # The loss stays a device tensor: reading it here would block the host once per step.
+        loss = result.loss_tensor
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=result.batch_size)
         for key in ("step_ms", "exposed_comm_ms", "exposed_lookup_ms", "dual_buffer_rows"):
             self.log(f"pipeline/{key}", float(getattr(result, key)), batch_size=result.batch_size)
-        return torch.tensor(result.loss)
+        return loss
 
     # -- keep the host shards current whenever something else reads them ----------------------------
     def flush_pipeline(self) -> None:

@@ -25,17 +25,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nestrec.devices import get_device_api
 from nestrec.embedding.config import EmbeddingTableConfig
 from nestrec.errors import ConfigError
-from nestrec.sharding import dataplane
+from nestrec.sharding import comm, dataplane
 from nestrec.sharding.optim import RowWiseOptimizer, RowWiseSGD
 from nestrec.sharding.rule import RowWiseSharding
 from nestrec.sharding.store import ShardStore
 from nestrec.sparse.jagged import JaggedFeatures
 
-__all__ = ["INIT_CHUNK", "LookupPlan", "ShardedEmbeddingCollection", "initial_rows"]
+__all__ = ["INIT_CHUNK", "STORAGE_PLACES", "LookupPlan", "ShardedEmbeddingCollection", "initial_rows"]
 
 INIT_CHUNK = 65_536
+STORAGE_PLACES = ("host", "device")
 
 
 def initial_rows(
@@ -120,6 +122,9 @@ class ShardedEmbeddingCollection(nn.Module):
         self._key_space: dataplane.KeySpace | None = None
         self._plans: list[LookupPlan] = []
         self._device = torch.device("cpu")
+        self.storage = "host"
+        self.store_device = self.key_device = self.comm_device = torch.device("cpu")
+        self.device_api = get_device_api("cpu")
 
     # Shards are built on first use, not here: a table that only fits sharded must never be
     # materialised whole on every rank before the strategy calls ``shard(rank, world)``. A
@@ -151,21 +156,48 @@ class ShardedEmbeddingCollection(nn.Module):
         key_group=None,
         embedding_group=None,
         device: torch.device | None = None,
+        storage: str = "host",
     ) -> None:
-        """(Re)build the local shards for ``rank`` of ``world_size`` (the strategy calls this)."""
+        """(Re)build the local shards for ``rank`` of ``world_size`` (the strategy calls this).
+
+        ``device`` is where the model computes: row buffers, their gradients and the row-wise
+        optimizer step live there. ``storage`` is where the master shards live: ``host`` (the
+        paper's hierarchical storage; pinned host memory on an accelerator, only the rows a batch
+        touches travel) or ``device`` (the whole shard on the accelerator, when it fits). The
+        collectives run where their process group's backend wants tensors (host for gloo).
+        """
+        if storage not in STORAGE_PLACES:
+            raise ConfigError(
+                f"unknown table storage {storage!r}; expected one of {', '.join(STORAGE_PLACES)}"
+            )
         self.rank, self.world_size = rank, world_size
         self.key_group, self.embedding_group = key_group, embedding_group
         self._device = torch.device(device) if device is not None else torch.device("cpu")
-        pin = self._device.type not in ("cpu", "meta")
+        self.storage = storage
+        self.store_device = self._device if storage == "device" else torch.device("cpu")
+        self.key_device = comm.group_device(key_group, self._device)
+        self.comm_device = comm.group_device(embedding_group, self._device)
+        self.device_api = get_device_api(self._device.type)
+        pin = self.store_device.type == "cpu" and self._device.type not in ("cpu", "meta")
         self._rules = {
             t.name: RowWiseSharding(t.num_rows, world_size, self.sharding_mode) for t in self.tables
         }
         self._stores = {}
         for table in self.tables:
-            local = self.initial_rows(table, self._rules[table.name].global_ids(rank))
+            local = self.initial_rows(table, self._rules[table.name].global_ids(rank)).to(self.store_device)
             self._stores[table.name] = ShardStore(local, self.optimizer, pin_memory=pin)
         self._key_space = dataplane.KeySpace(self)
         self._plans.clear()
+
+    @property
+    def compute_device(self) -> torch.device:
+        return self._device
+
+    @property
+    def direct_buffers(self) -> bool:
+        """Whether the shard stores can serve as a batch's working rows (they sit on the compute
+        device); otherwise every lookup copies its rows into a device buffer and writes them back."""
+        return self.store_device == self._device
 
     def initial_rows(self, table: EmbeddingTableConfig, global_ids: torch.Tensor) -> torch.Tensor:
         """Initial values of the given rows (see :func:`initial_rows`)."""
@@ -182,8 +214,6 @@ class ShardedEmbeddingCollection(nn.Module):
         training = torch.is_grad_enabled() and self.training
         buffer = dataplane.retrieve(self, route, direct=True)
         rows = dataplane.send_rows(self, buffer, route, 0, self.embedding_group)
-        device = features.values.device
-        rows = {name: r.to(device) for name, r in rows.items()}
         if training:
             rows = {name: r.requires_grad_(True) for name, r in rows.items()}
             self._plans.append(LookupPlan(route, buffer, rows))
@@ -236,11 +266,11 @@ class ShardedEmbeddingCollection(nn.Module):
         store = self.stores[name]
         local = store.weight if what == "weight" else store.state[what.removeprefix("state.")]
         rule = self.rules[name]
-        full = torch.zeros(rule.num_rows, local.shape[1], dtype=local.dtype)
-        full[rule.global_ids(self.rank)] = local.cpu()
+        full = torch.zeros(rule.num_rows, local.shape[1], dtype=local.dtype, device=self.comm_device)
+        full[rule.global_ids(self.rank).to(self.comm_device)] = local.to(self.comm_device)
         if self.world_size > 1:
             dist.all_reduce(full, group=self.embedding_group)
-        return full
+        return full.cpu()
 
     def extra_repr(self) -> str:
         tables = ", ".join(f"{t.name}[{t.num_rows}x{t.dim},{t.pooling}]" for t in self.tables)

@@ -29,6 +29,7 @@ __all__ = [
     "all_to_all_uneven",
     "exchange_counts",
     "get_latency_shim",
+    "group_device",
     "set_latency_shim",
     "start_all_reduce_mean",
 ]
@@ -79,6 +80,14 @@ def _account(channel: str, nbytes: int) -> None:
 
 def _world(group) -> int:
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def group_device(group, compute_device: torch.device) -> torch.device:
+    """Where a collective's tensors must live on ``group``: host memory for gloo (and without a
+    process group), the compute device for device backends (NCCL, HCCL); ``None`` is the world."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return torch.device("cpu")
+    return torch.device("cpu") if dist.get_backend(group) == "gloo" else torch.device(compute_device)
 
 
 def exchange_counts(send_counts: torch.Tensor, group=None, channel: str = "counts") -> torch.Tensor:

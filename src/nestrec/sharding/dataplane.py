@@ -27,7 +27,14 @@ pass over the batch instead of one per table, and a whole lookup costs four coll
 keys, rows, gradients) whatever the number of tables. On the owner, a key is its slot in the
 concatenation of its local shards (``local_offsets``), so the owner's dedup is one ``unique`` too.
 
-Everything here is plain tensors and collectives; the engine decides which thread runs what.
+Where tensors live (``ShardedEmbeddingCollection.shard``): key routing is host work (ids arrive
+from the data loader; dedup and split sizes are host-side), so a route's requester indices are
+moved to the compute device once, when the route is built — off the micro-batch loop. Row
+buffers, gradients and the row-wise update live on the compute device. Payloads cross to the
+process group's device for each collective (host memory for gloo, the accelerator for NCCL /
+HCCL) and back, which on CPU is no copy at all.
+
+Everything here is plain tensors and collectives; the engine decides which lane runs what.
 Every rank walks tables and micro-batches in the same order, so collectives pair up.
 """
 
@@ -52,9 +59,11 @@ __all__ = [
     "FeatureBags",
     "KeySpace",
     "MicroRoute",
+    "ReconcilePlan",
     "RowBuffer",
     "apply_update",
     "merge_buffers",
+    "plan_reconcile",
     "pool_rows",
     "reconcile",
     "retrieve",
@@ -123,12 +132,12 @@ class MicroRoute:
     features: list[FeatureBags]  # requester: how to pool the fetched rows
     send_counts: list[list[int]]  # requester, per table: ids asked of each owner
     recv_counts: list[list[int]]  # owner, per table: ids each requester asked for
-    served: list[torch.Tensor]  # owner, per table: buffer slot of every received id, in receive order
+    served: list[torch.Tensor]  # owner, per table: buffer slot of every received id (compute device)
 
 
 @dataclass
 class BatchRoute:
-    keys: list[torch.Tensor]  # owner, per table: sorted local rows the whole batch touches
+    keys: list[torch.Tensor]  # owner, per table: sorted local rows the whole batch touches (host)
     micro: list[MicroRoute]
 
 
@@ -138,15 +147,17 @@ class RowBuffer:
 
     ``direct``: the shard stores themselves are the working rows (``rows`` and ``state`` stay
     empty). Right whenever no other batch's rows are in flight — ``sync``, ``fwp`` without
-    prefetch, the plain lookup — and it saves the gather into a copy and the write-back. The
-    prefetching schedules need a real copy (``direct=False``): that is the dual buffer.
+    prefetch, the plain lookup — and the stores sit on the compute device; it saves the gather
+    into a copy and the write-back. The prefetching schedules need a real copy
+    (``direct=False``): that is the dual buffer.
     """
 
-    keys: dict[str, torch.Tensor]
-    rows: dict[str, torch.Tensor]
+    keys: dict[str, torch.Tensor]  # host: sorted local rows
+    rows: dict[str, torch.Tensor]  # compute device
     state: dict[str, dict[str, torch.Tensor]]
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
     direct: bool = False
+    store_keys: dict[str, torch.Tensor] = field(default_factory=dict)  # ``keys`` on the store's device
 
 
 def _check_sharded(collection: ShardedEmbeddingCollection) -> None:
@@ -216,6 +227,11 @@ def _requester_side(collection: ShardedEmbeddingCollection, features: JaggedFeat
     position[by_table_owner] = torch.arange(len(unique))
     slots_of_ids = position[inverse]
     bags, begin = [], 0
+    device = collection.compute_device
+
+    def to_device(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, non_blocking=True)
+
     for f, (name, count) in enumerate(zip(features.keys, per_feature.tolist())):
         t = space.feature_index[name]
         lengths = per_key[f]
@@ -223,10 +239,12 @@ def _requester_side(collection: ShardedEmbeddingCollection, features: JaggedFeat
             FeatureBags(
                 name=name,
                 table=t,
-                slots=slots_of_ids[begin : begin + count] - starts[t],
-                offsets=torch.cumsum(lengths, 0) - lengths,
-                bag=torch.repeat_interleave(torch.arange(len(lengths)), lengths, output_size=count),
-                lengths=lengths,
+                slots=to_device(slots_of_ids[begin : begin + count] - starts[t]),
+                offsets=to_device(torch.cumsum(lengths, 0) - lengths),
+                bag=to_device(
+                    torch.repeat_interleave(torch.arange(len(lengths)), lengths, output_size=count)
+                ),
+                lengths=to_device(lengths),
                 pooling=collection.tables[t].pooling,
             )
         )
@@ -252,12 +270,17 @@ def route_keys(
     bucket = (owners * num_micro + micro_of) * num_tables + tables
     send = slots[torch.argsort(bucket, stable=True)]
     counts = torch.bincount(bucket, minlength=world * num_micro * num_tables)
-    recv = exchange_counts(counts, group)
+    kdev = collection.key_device  # host for gloo; the split sizes are host values either way
+    recv = exchange_counts(counts.to(kdev), group).cpu()
     counts_l = counts.view(world, num_micro, num_tables).tolist()
     recv_l = recv.view(world, num_micro, num_tables).tolist()
     requested = all_to_all_uneven(
-        send, counts.view(world, -1).sum(1).tolist(), recv.view(world, -1).sum(1).tolist(), group, "keys"
-    )
+        send.to(kdev),
+        counts.view(world, -1).sum(1).tolist(),
+        recv.view(world, -1).sum(1).tolist(),
+        group,
+        "keys",
+    ).cpu()
     # Owner: the batch's rows on this shard, deduplicated over every requester and micro-batch.
     keys, served = torch.unique(requested, sorted=True, return_inverse=True)
     bounds = torch.searchsorted(keys, space.rank_local_offsets).tolist()
@@ -271,8 +294,10 @@ def route_keys(
                 send_counts=[[counts_l[r][i][t] for r in range(world)] for t in range(num_tables)],
                 recv_counts=[[recv_l[s][i][t] for s in range(world)] for t in range(num_tables)],
                 served=[
-                    torch.cat([chunks[(s * num_micro + i) * num_tables + t] for s in range(world)])
-                    - bounds[t]
+                    (
+                        torch.cat([chunks[(s * num_micro + i) * num_tables + t] for s in range(world)])
+                        - bounds[t]
+                    ).to(collection.compute_device, non_blocking=True)
                     for t in range(num_tables)
                 ],
             )
@@ -282,16 +307,20 @@ def route_keys(
 
 def retrieve(collection: ShardedEmbeddingCollection, route: BatchRoute, direct: bool = False) -> RowBuffer:
     """Stage 4: copy the batch's rows and their optimizer-state rows out of the shard stores
-    (``direct``: only note which rows; the stores serve and take the update themselves)."""
+    into a buffer on the compute device (``direct``: only note which rows; the stores serve and
+    take the update themselves — possible only when they sit on the compute device)."""
+    direct = direct and collection.direct_buffers
+    device = collection.compute_device
     buffer = RowBuffer({}, {}, {}, direct=direct)
     for table, keys in zip(collection.tables, route.keys):
         store = collection.stores[table.name]
         buffer.keys[table.name] = keys
         if direct:
+            buffer.store_keys[table.name] = keys.to(store.weight.device, non_blocking=True)
             buffer.grads[table.name] = store.weight.new_zeros(len(keys), table.dim)
             continue
-        buffer.rows[table.name] = store.gather(keys, torch.device("cpu"))
-        buffer.state[table.name] = store.gather_state(keys, torch.device("cpu"))
+        buffer.rows[table.name] = store.gather(keys, device)
+        buffer.state[table.name] = store.gather_state(keys, device)
         buffer.grads[table.name] = torch.zeros_like(buffer.rows[table.name])
     return buffer
 
@@ -308,32 +337,58 @@ def merge_buffers(collection: ShardedEmbeddingCollection, buffers: list[RowBuffe
     for table in collection.tables:
         name = table.name
         keys = torch.unique(torch.cat([b.keys[name] for b in buffers]), sorted=True)
-        merged.keys[name] = keys
-        grads = collection.stores[name].weight.new_zeros(len(keys), table.dim)
+        weight = collection.stores[name].weight
+        merged.keys[name], merged.store_keys[name] = keys, keys.to(weight.device)
+        grads = weight.new_zeros(len(keys), table.dim)
         for b in buffers:
-            grads.index_add_(0, torch.searchsorted(keys, b.keys[name]), b.grads[name])
+            grads.index_add_(0, torch.searchsorted(keys, b.keys[name]).to(weight.device), b.grads[name])
         merged.grads[name] = grads
     return merged
 
 
-def reconcile(active: RowBuffer, prefetch: RowBuffer) -> int:
-    """The dual-buffer copy: ``prefetch`` rows also in ``active`` take ``active``'s (updated) values.
+@dataclass
+class ReconcilePlan:
+    """Which rows of the next batch's buffer the current batch also touched, worked out on the host.
 
-    Both key lists are sorted and unique, so the intersection is one ``isin`` and one
-    ``searchsorted``. Optimizer-state rows are copied with the weights (they are parameters too).
-    Returns the number of rows copied.
+    Per table, positions in the prefetch buffer and the matching positions in the active buffer
+    (on the compute device). Both batches' keys are known when the next batch's rows are
+    retrieved, so the plan is made there, on the retrieval lane; the copy itself is then two
+    index operations per tensor with no host synchronisation.
     """
-    copied = 0
-    for name, keys in prefetch.keys.items():
-        shared = torch.isin(keys, active.keys[name])
+
+    index: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    rows: int
+
+
+def plan_reconcile(
+    collection: ShardedEmbeddingCollection, active: BatchRoute, prefetch: BatchRoute
+) -> ReconcilePlan:
+    """Intersect two batches' sorted unique keys per table (one ``isin`` + one ``searchsorted``)."""
+    device, index, rows = collection.compute_device, {}, 0
+    for table, active_keys, keys in zip(collection.tables, active.keys, prefetch.keys):
+        shared = torch.isin(keys, active_keys)
         if not bool(shared.any()):
             continue
-        source = torch.searchsorted(active.keys[name], keys[shared])
-        prefetch.rows[name][shared] = active.rows[name][source]
+        source = torch.searchsorted(active_keys, keys[shared])
+        index[table.name] = (
+            shared.nonzero().squeeze(1).to(device, non_blocking=True),
+            source.to(device, non_blocking=True),
+        )
+        rows += len(source)
+    return ReconcilePlan(index, rows)
+
+
+def reconcile(active: RowBuffer, prefetch: RowBuffer, plan: ReconcilePlan) -> int:
+    """The dual-buffer copy: ``prefetch`` rows also in ``active`` take ``active``'s (updated) values.
+
+    Optimizer-state rows are copied with the weights (they are parameters too). Returns the
+    number of rows copied.
+    """
+    for name, (target, source) in plan.index.items():
+        prefetch.rows[name].index_copy_(0, target, active.rows[name].index_select(0, source))
         for state_name, values in prefetch.state[name].items():
-            values[shared] = active.state[name][state_name][source]
-        copied += int(shared.sum())
-    return copied
+            values.index_copy_(0, target, active.state[name][state_name].index_select(0, source))
+    return plan.rows
 
 
 def _fused_all_to_all(
@@ -376,22 +431,23 @@ def send_rows(
     """
     names = [t.name for t in collection.tables]
     r = route.micro[micro]
+    comm_device, device = collection.comm_device, collection.compute_device
     returned = _fused_all_to_all(
-        [_served_rows(collection, buffer, n, served) for n, served in zip(names, r.served)],
+        [_served_rows(collection, buffer, n, served).to(comm_device) for n, served in zip(names, r.served)],
         r.recv_counts,
         r.send_counts,
         group,
         "rows",
     )
-    return dict(zip(names, returned))
+    return {n: rows.to(device, non_blocking=True) for n, rows in zip(names, returned)}
 
 
 def _served_rows(
     collection: ShardedEmbeddingCollection, buffer: RowBuffer, name: str, served: torch.Tensor
 ) -> torch.Tensor:
     if buffer.direct:
-        return collection.stores[name].weight.index_select(0, buffer.keys[name][served])
-    return buffer.rows[name][served]
+        return collection.stores[name].weight.index_select(0, buffer.store_keys[name][served])
+    return buffer.rows[name].index_select(0, served)
 
 
 def pool_rows(
@@ -405,7 +461,7 @@ def pool_rows(
     out = {}
     for bag in route.micro[micro].features:
         rows = unique_rows[names[bag.table]]
-        out[bag.name] = _BagLookup.apply(rows, bag.slots.to(rows.device), bag, rows.device)
+        out[bag.name] = _BagLookup.apply(rows, bag)
     return out
 
 
@@ -420,19 +476,18 @@ class _BagLookup(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, slots: torch.Tensor, bag: FeatureBags, device) -> torch.Tensor:
-        per_id_bag = bag.bag.to(device)
-        lengths = bag.lengths.to(device)
-        ctx.save_for_backward(slots, per_id_bag, lengths)
+    def forward(ctx, rows: torch.Tensor, bag: FeatureBags) -> torch.Tensor:
+        # The bag's index tensors were put on the compute device when the route was built.
+        ctx.save_for_backward(bag.slots, bag.bag, bag.lengths)
         ctx.pooling, ctx.num_rows = bag.pooling, rows.shape[0]
         if bag.pooling == "none":
-            return rows.index_select(0, slots)
-        return F.embedding_bag(slots, rows, bag.offsets.to(device), mode=bag.pooling)
+            return rows.index_select(0, bag.slots)
+        return F.embedding_bag(bag.slots, rows, bag.offsets, mode=bag.pooling)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None
+            return None, None
         slots, per_id_bag, lengths = ctx.saved_tensors
         if ctx.pooling == "none":
             per_id = grad_out
@@ -441,7 +496,7 @@ class _BagLookup(torch.autograd.Function):
                 grad_out = grad_out / lengths.clamp(min=1).unsqueeze(1).to(grad_out.dtype)
             per_id = grad_out.index_select(0, per_id_bag)
         grad_rows = grad_out.new_zeros(ctx.num_rows, grad_out.shape[1]).index_add_(0, slots, per_id)
-        return grad_rows, None, None, None
+        return grad_rows, None
 
 
 def return_grads(
@@ -456,14 +511,15 @@ def return_grads(
     names = [t.name for t in collection.tables]
     r = route.micro[micro]
     received = _fused_all_to_all(
-        [grads[n].cpu() for n in names],
+        [grads[n].to(collection.comm_device) for n in names],
         r.send_counts,
         r.recv_counts,
         group,
         "grads",
     )
     for name, served, back in zip(names, r.served, received):
-        buffer.grads[name].index_add_(0, served, back.to(buffer.grads[name].dtype))
+        target = buffer.grads[name]
+        target.index_add_(0, served, back.to(target.device, target.dtype, non_blocking=True))
 
 
 def apply_update(collection: ShardedEmbeddingCollection, buffer: RowBuffer) -> None:
@@ -481,7 +537,7 @@ def apply_update(collection: ShardedEmbeddingCollection, buffer: RowBuffer) -> N
             grad.mul_(scale)
         if buffer.direct:
             collection.optimizer.update_in_place(
-                store.weight, store.state, buffer.keys[table.name], grad, store.step
+                store.weight, store.state, buffer.store_keys[table.name], grad, store.step
             )
         else:
             collection.optimizer.update(buffer.rows[table.name], buffer.state[table.name], grad, store.step)

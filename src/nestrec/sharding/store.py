@@ -28,13 +28,22 @@ class ShardStore:
         return self.weight.shape[0]
 
     def gather(self, local_index: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Copy the requested rows into a device working buffer."""
-        rows = self.weight.index_select(0, local_index.to(self.weight.device))
-        return rows.to(device, non_blocking=True)
+        """Copy the requested rows into a working buffer on ``device``."""
+        return self._gather(self.weight, local_index, device)
 
     def gather_state(self, local_index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-        index = local_index.to(self.weight.device)
-        return {k: v.index_select(0, index).to(device, non_blocking=True) for k, v in self.state.items()}
+        return {k: self._gather(v, local_index, device) for k, v in self.state.items()}
+
+    @staticmethod
+    def _gather(source: torch.Tensor, local_index: torch.Tensor, device: torch.device) -> torch.Tensor:
+        index = local_index.to(source.device)
+        if source.device == device or not source.is_pinned():
+            return source.index_select(0, index).to(device)
+        # Host shard, device buffer: gather into pinned staging so the copy is asynchronous
+        # (the caching host allocator keeps the staging alive until the copy has run).
+        staging = torch.empty((len(index), *source.shape[1:]), dtype=source.dtype, pin_memory=True)
+        torch.index_select(source, 0, index, out=staging)
+        return staging.to(device, non_blocking=True)
 
     def write_back(
         self, local_index: torch.Tensor, rows: torch.Tensor, state: dict[str, torch.Tensor]

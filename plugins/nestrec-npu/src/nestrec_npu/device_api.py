@@ -11,8 +11,8 @@ __all__ = ["NpuDeviceAPI"]
 class NpuDeviceAPI(CudaDeviceAPI):
     """Same stream/event protocol as CUDA (``torch.get_device_module('npu')``), backend ``hccl``.
 
-    HCCL, like NCCL, runs collectives on the process group's own internal stream, so the
-    pipelines issue All2All with ``async_op=True`` and wait on the handle just before the consumer.
+    HCCL, like NCCL, runs a collective on the process group's internal stream after the issuing
+    thread's current stream (a lane's own stream), so lanes order their All2All by events.
     """
 
     device_type = "npu"

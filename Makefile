@@ -7,7 +7,7 @@ RECIPE ?= oxygenrec_multi
 ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: setup data run test lint report clean torchrec-venv bench-torchrec
+.PHONY: setup data run test lint report clean torchrec-venv bench-torchrec gpu-check
 
 $(BIN)/.nestrec-installed: pyproject.toml plugins/nestrec-npu/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ torchrec-venv: $(TORCHREC_VENV)/bin/.torchrec-installed
 
 bench-torchrec: torchrec-venv
 	$(TORCHREC_VENV)/bin/python bench/vs_torchrec.py $(ARGS)
+
+# On a CUDA machine: exactness, host syncs, memory and speed of the device data plane.
+# ARGS=--dry-run rehearses it on CPU.
+gpu-check: setup
+	PYTHON=$(BIN)/python bash bench/gpu_check.sh $(ARGS)
 
 clean:
 	rm -rf outputs multirun build dist src/*.egg-info

@@ -14,7 +14,7 @@ under a modelled network, not a measurement of a real cluster.
 
     python bench/nestpipe_bench.py                       # ~1-2 min on 2 CPUs
     python bench/nestpipe_bench.py --no-shim             # raw loopback gloo
-    python bench/nestpipe_bench.py --device cuda --world-size 2   # GPU dense compute (untested here)
+    python bench/nestpipe_bench.py --device cuda --world-size 1   # one GPU: NCCL data plane, no peers
 """
 
 from __future__ import annotations
@@ -113,9 +113,10 @@ class Model(nn.Module):
         return batch[0].select_samples(index), batch[1][index], batch[2][index]
 
     def loss_sum(self, batch, pooled):
-        dtype = self.mlp[0].weight.dtype
-        x = torch.cat([pooled[n].to(dtype) for n in self.names] + [batch[1].to(dtype)], dim=1)
-        return F.binary_cross_entropy_with_logits(self.mlp(x).squeeze(1), batch[2].to(dtype), reduction="sum")
+        weight = self.mlp[0].weight
+        dense, labels = batch[1].to(weight.device, weight.dtype), batch[2].to(weight.device, weight.dtype)
+        x = torch.cat([pooled[n].to(weight.dtype) for n in self.names] + [dense], dim=1)
+        return F.binary_cross_entropy_with_logits(self.mlp(x).squeeze(1), labels, reduction="sum")
 
 
 class Runner:
@@ -177,9 +178,9 @@ class Runner:
         features = batch[0]
         pooled = {}
         for name, (values, lengths) in features.split().items():
-            rows = self.local[name][values].requires_grad_(False)
-            pooled[name] = torch.segment_reduce(rows, "sum", lengths=lengths, axis=0)
-        loss = self.model.loss_sum((features, batch[1].to(self.device), batch[2].to(self.device)), pooled)
+            rows = self.local[name][values].to(self.device)
+            pooled[name] = torch.segment_reduce(rows, "sum", lengths=lengths.to(self.device), axis=0)
+        loss = self.model.loss_sum(batch, pooled)
         (loss / len(batch[2])).backward()
         self._dense_step()
 
@@ -227,7 +228,7 @@ def worker(rank: int, args, init_file: str, out_file: str) -> None:
         def groups() -> tuple:
             # Each runner gets its own two groups: engines read ahead on background threads, so
             # two modes sharing a group could interleave their collectives differently per rank.
-            return dist.new_group(backend="gloo"), dist.new_group(backend="gloo")
+            return dist.new_group(backend=backend), dist.new_group(backend=backend)
 
         if not args.no_shim:
             comm.set_latency_shim(args.shim_alpha_ms, args.shim_gbps)

@@ -205,6 +205,12 @@ class NestPipeEngine:
         self.config = config or PipelineConfig()
         self.dense_group = dense_group
         self.timeline = timeline or Timeline()
+        overlapped = self.config.prefetch or self.config.num_micro_batches > 1
+        if overlapped and collection.world_size > 1 and collection.key_group is collection.embedding_group:
+            raise ConfigError(
+                f"pipeline={self.config.mode} runs key routing and row All2All on separate lanes: the "
+                "collection needs two distinct process groups (key_group, embedding_group), got one"
+            )
         self.device = collection.compute_device
         self.device_api = collection.device_api
         self._feature_table = {f: t.name for t in collection.tables for f in t.features}

@@ -25,6 +25,12 @@ Ordering rules that keep DBP exact (design brief §3.3), each enforced here:
 ``dual_buffer_copy=False`` and ``writeback_ordering=False`` exist only as negative controls:
 each deterministically breaks exactness, which is how the tests prove they detect staleness.
 
+The dual buffer exists because rows are *copied* ahead of use (host shards, device buffers).
+When the shards sit on the compute device (CPU training, ``storage=device``) a copy would only
+cost memory bandwidth: ``dbp`` and ``nested`` then read the shards in place when the rows are
+sent — after the previous batch's update — and only key routing runs ahead (the copy path stays
+tested on CPU through a collection that refuses direct buffers).
+
 Stages off the main thread run on *lanes* (:class:`nestrec.devices.Lane`): a worker thread each
 (gloo collectives and sleeps release the GIL) plus, on an accelerator, a stream each, ordered
 against the main stream by events. Each lane owns one process group (``router``: keys,
@@ -344,9 +350,13 @@ class NestPipeEngine:
         positions of the dual-buffer copy, so the copy itself never waits on the host."""
 
         def run() -> tuple[RowBuffer, ReconcilePlan | None]:
-            buffer = retrieve(self.collection, prepared.routes)
-            plan = plan_reconcile(self.collection, after.routes, prepared.routes) if after else None
-            return buffer, plan
+            # Shards on the compute device (CPU training, storage=device) need no dual buffer: the
+            # rows are read when they are sent, after the previous batch's update; only key
+            # routing runs ahead. Host shards on an accelerator get a device copy, reconciled.
+            buffer = retrieve(self.collection, prepared.routes, direct=True)
+            if buffer.direct or after is None:
+                return buffer, None
+            return buffer, plan_reconcile(self.collection, after.routes, prepared.routes)
 
         return self._submit("retrieval", "retrieve", prepared.step, run)
 
@@ -377,7 +387,7 @@ class NestPipeEngine:
             copied = 0
             if upcoming is not None:
                 prefetch, plan = self._wait("retrieve", step, upcoming[1])
-                if self.config.dual_buffer_copy:
+                if self.config.dual_buffer_copy and plan is not None:
                     with self.timeline.span("dual_buffer_copy", "main", step):
                         copied = reconcile(active, prefetch, plan)
                 upcoming = (upcoming[0], _Ready((prefetch, None)))

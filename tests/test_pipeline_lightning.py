@@ -115,7 +115,7 @@ def test_benchmark_in_miniature(tmp_path):
     assert set(report["step_ms"]) == {"sync", "dbp", "fwp", "nested", "nested_noclust", "compute"}
     assert all(v <= 1e-9 for v in report["max_abs_diff_vs_sync"].values()), report["max_abs_diff_vs_sync"]
     assert report["exposed_comm_ratio_prediction"] == 0.25 and 0 <= report["exposed_comm_ratio_fwp"] <= 1
-    assert report["dual_buffer_copy_ms"] > 0
+    assert report["dual_buffer_copy_ms"] == 0  # CPU shards are read in place: no dual buffer to copy
     assert (
         report["clustering_row_bytes_per_step"]["greedy"] <= report["clustering_row_bytes_per_step"]["none"]
     )

@@ -1,7 +1,9 @@
 """``python -m nestrec.run recipe=NAME [overrides]``: compose a recipe, train, evaluate, summarise.
 
 The life of a run, top to bottom: check the recipe name (before Hydra, so a typo gets the list of
-recipes instead of a stack trace) → compose the config → seed → build the data module, the model
+recipes instead of a stack trace) → compose the config and check it against the code it
+configures (:mod:`nestrec.config_check`; also before Hydra, so ``--cfg job`` and sweeps fail on
+a bad key or value in one line) → seed → build the data module, the model
 stage and a Lightning ``Trainer`` from config → fit → test on the best checkpoint → write
 ``summary.json`` into Hydra's run directory (rank 0 only) and print the headline metrics.
 """
@@ -27,6 +29,10 @@ from nestrec.fileio import write_json_atomic
 
 __all__ = ["available_recipes", "main", "train"]
 
+_VALUE_FLAGS = {
+    "--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+    "--config-dir", "-cd", "--experimental-rerun", "--info", "-i",
+}  # fmt: skip
 _INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--version", "--shell-completion", "-sc"}
 
 
@@ -67,10 +73,110 @@ def _check_recipe(argv: list[str]) -> None:
         raise SystemExit(2)
 
 
+def _config_overrides(argv: list[str]) -> list[list[str]] | None:
+    """The job overrides of ``argv`` as override lists to compose, one per value of each sweep
+    (every other sweep at its first value); ``None`` when the search path is the user's own."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    words, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _VALUE_FLAGS:
+            skip = True  # the flag's value (`--cfg job`) is not an override
+        elif not arg.startswith("-"):
+            words.append(arg)
+    if any(w.lstrip("+~").startswith("hydra.searchpath") for w in words):
+        return None  # user config dirs: Hydra composes them; train() checks the job config
+    parsed = OverridesParser.create().parse_overrides(
+        [w for w in words if not w.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    )
+    base, sweeps = [], []
+    for override in parsed:
+        if override.is_sweep_override():
+            values = list(override.sweep_string_iterator())
+            sweeps.append((override, values))
+            base.append(f"{override.get_key_element()}={values[0]}")
+        else:
+            base.append(override.input_line)
+    combos = [base]
+    for override, values in sweeps:
+        position = next(i for i, o in enumerate(parsed) if o is override)
+        for value in values[1:]:
+            combo = list(base)
+            combo[position] = f"{override.get_key_element()}={value}"
+            combos.append(combo)
+    return combos
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Compose the config ``argv`` asks for and check it; exit 2 with one line if it is wrong."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from nestrec.config_check import check_config
+    from nestrec.errors import ConfigError
+
+    try:
+        combos = _config_overrides(argv)
+    except HydraException as err:
+        _exit_config_error(str(err))
+    for overrides in combos or []:
+        try:
+            with initialize_config_module(config_module="nestrec.conf", version_base="1.3"):
+                cfg = compose("config", overrides=overrides)
+            check_config(cfg)
+        except ConfigError as err:
+            _exit_config_error(str(err))
+        except (HydraException, OmegaConfBaseException) as err:
+            _exit_config_error(_one_line(str(err), overrides))
+
+
+def _one_line(message: str, overrides: list[str]) -> str:
+    """Hydra's multi-line composition errors as one line, with a "did you mean" for a typo'd key."""
+    import difflib
+
+    match = re.search(r"Could not override '([^']+)'", message)
+    if match:
+        key = match.group(1)
+        parent, _, leaf = key.rpartition(".")
+        rest = [o for o in overrides if not o.lstrip("+~").startswith(f"{key}=")]
+        from hydra import compose, initialize_config_module
+
+        with initialize_config_module(config_module="nestrec.conf", version_base="1.3"):
+            cfg = compose("config", overrides=rest)
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        known = list(node.keys()) if isinstance(node, DictConfig) else []
+        close = difflib.get_close_matches(leaf, known, n=1, cutoff=0.6)
+        suggestion = (
+            f"did you mean {parent + '.' if parent else ''}{close[0]}?"
+            if close
+            else f"add it with +{key}=..."
+        )
+        return f"{key} is not a key of the config; {suggestion}"
+    match = re.search(r"Could not find '([^'/]+)/([^']+)'", message)
+    if match:
+        group, option = match.groups()
+        options = re.search(rf"Available options in '{re.escape(group)}':\n((?:\t.*\n?)*)", message)
+        listing = ", ".join(o.strip() for o in options.group(1).splitlines() if o.strip()) if options else ""
+        return f"{group}={option} is not an option of the {group!r} group" + (
+            f" (available: {listing})" if listing else ""
+        )
+    return " ".join(line.strip() for line in message.strip().splitlines() if line.strip())
+
+
+def _exit_config_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main() -> None:
     """Console entry point (``nestrec-run`` / ``python -m nestrec.run``)."""
     argv = sys.argv[1:]
     _check_recipe(argv)
+    if not _INFO_FLAGS.intersection(argv):
+        check_overrides(argv)
     if "-m" in argv or "--multirun" in argv:
         # Lightning's popen DDP launcher re-runs this command per rank; the children must resolve
         # the same sweep directory as the parent, which `${now:...}` alone would not give them.
@@ -196,7 +302,10 @@ def train(cfg: DictConfig) -> float | None:
     import lightning.pytorch as pl
     from hydra.utils import instantiate
 
+    from nestrec.config_check import check_config
+
     started = time.time()
+    check_config(cfg)  # the job's own config (sweep combinations, user search paths, Python callers)
     output_dir = _output_dir()
     recipe = _recipe_name()
     pl.seed_everything(cfg.seed, workers=True)

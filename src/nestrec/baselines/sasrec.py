@@ -19,6 +19,7 @@ holding, so the two are untied in that mode.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -156,20 +157,20 @@ class SASRecModule(NextItemRecommender):
         heads: int = 2,
         dropout: float = 0.2,
         attention_dropout: float = 0.0,
-        loss: str = "ce",
+        loss: Literal["ce", "bce"] = "ce",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
-        lr_schedule: str = "constant",
+        lr_schedule: Literal["constant", "cosine"] = "constant",
         warmup_steps: int = 0,
         similarity: str = "dot",
         temperature: float = 0.05,
         ks: tuple[int, ...] = (1, 5, 10, 20, 50),
         exclude_history: bool = False,
         genre_item_mask: torch.Tensor | None = None,
-        embedding: str = "dense",
+        embedding: Literal["dense", "sharded"] = "dense",
         sparse_optimizer: str = "adam",
         sparse_lr: float = 1e-3,
-        sharding: str = "range",
+        sharding: Literal["range", "cyclic"] = "range",
         seed: int = 0,
     ):
         super().__init__(num_items, genre_item_mask, ks, exclude_history)
@@ -310,3 +311,7 @@ def sasrec_module(**kwargs) -> SASRecModule:
     if kwargs.get("embedding", "dense") == "sharded":
         return PipelinedSASRecModule(**kwargs)
     return SASRecModule(**kwargs)
+
+
+# Its parameters are SASRecModule's (what config validation and ``inspect.signature`` read).
+sasrec_module.__wrapped__ = PipelinedSASRecModule

@@ -12,6 +12,8 @@ eval:  ``history`` ``[B, max_len]``, ``target``, ``user``, ``scenario`` (index i
 
 from __future__ import annotations
 
+from typing import Literal
+
 import lightning.pytorch as pl
 import numpy as np
 import torch
@@ -72,7 +74,7 @@ class SequenceDataModule(pl.LightningDataModule):
         dataset: str = "ml-1m",
         path: str | None = None,
         format: str = "auto",
-        split: str = "leave_one_out",
+        split: Literal["leave_one_out", "temporal"] = "leave_one_out",
         temporal: dict | None = None,
         max_len: int = 200,
         min_user_interactions: int = 5,

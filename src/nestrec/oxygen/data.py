@@ -61,8 +61,10 @@ class OxygenDataModule(SequenceDataModule):
         sid_seed: int = 0,
         behaviour_weights: dict[int, float] | None = None,
         cri_cache: str | None = None,
+        max_len: int | None = None,
         **kwargs,
     ):
+        del max_len  # derived: the encoder reads the recent and the long window
         kwargs["max_len"] = recent_len + long_len
         super().__init__(*args, **kwargs)
         unknown = [s for s in train_scenarios if s not in SCENARIO_KINDS]

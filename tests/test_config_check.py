@@ -52,7 +52,13 @@ def test_each_value_of_a_sweep_is_checked(capsys):
 
 @pytest.mark.parametrize("recipe", available_recipes())
 @pytest.mark.parametrize(
-    "extra", [[], ["strategy=nestpipe", "trainer.devices=2"], ["debug=smoke", "logger=csv"]]
+    "extra",
+    [
+        [],
+        ["strategy=nestpipe", "trainer.devices=2"],
+        ["strategy=ddp", "logger=none"],
+        ["debug=smoke", "logger=csv"],
+    ],
 )
 def test_every_shipped_recipe_passes(recipe, extra):
     check_overrides([f"recipe={recipe}", *extra])  # no SystemExit: no false alarms on our own configs

@@ -131,3 +131,24 @@ def test_real_movielens_dlrm_smoke_under_nestpipe(tmp_path):
     [summary] = _summaries(tmp_path / "outputs")
     assert summary["data"]["dataset"] == "ml-1m" and summary["world_size"] == 2
     assert 0.0 <= summary["metrics"]["test/auc"] <= 1.0 and "test: AUC=" in result.stdout
+
+
+def test_callbacks_and_trainer_flags_from_the_command_line_reach_the_trainer(tmp_path):
+    """+callbacks.X, +trainer.callbacks=[...], trainer.accumulate_grad_batches, trainer.profiler:
+    nothing the user adds is dropped, and the run's own checkpoints stay."""
+    group_probe, trainer_probe = tmp_path / "group.json", tmp_path / "trainer.json"
+    result = run_nestrec(
+        ["recipe=sasrec_ml1m", *FIXTURE, "logger=csv", "trainer.accumulate_grad_batches=2", "trainer.profiler=simple",
+         "+callbacks.lr_monitor._target_=lightning.pytorch.callbacks.LearningRateMonitor",
+         "+callbacks.probe._target_=probe_callback.TrainerProbe", f"+callbacks.probe.out={group_probe}",
+         f"+trainer.callbacks=[{{_target_: probe_callback.TrainerProbe, out: '{trainer_probe}', tag: extra}}]"],
+        tmp_path, env_extra={"PYTHONPATH": str(Path(__file__).parent)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    seen = json.loads(group_probe.read_text())
+    assert seen["accumulate_grad_batches"] == 2 and seen["profiler"] == "SimpleProfiler"
+    assert {"LearningRateMonitor", "TrainerProbe", "ModelCheckpoint"} <= set(seen["callbacks"])
+    assert seen["callbacks"].count("TrainerProbe") == 2  # the group's and the trainer's
+    assert json.loads(trainer_probe.read_text())["tag"] == "extra"
+    summary = json.loads(next((tmp_path / "outputs").rglob("summary.json")).read_text())
+    assert summary["best_checkpoint"] and Path(summary["best_checkpoint"]).exists()

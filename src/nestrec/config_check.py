@@ -181,6 +181,17 @@ def check_config(cfg: DictConfig) -> None:
         except Exception as err:
             raise ConfigError(f"{group}._target_={node['_target_']!r} cannot be imported: {err}") from None
         check_target_config(group, node, target)
+    callbacks = cfg.get("callbacks")
+    if isinstance(callbacks, DictConfig):
+        for name, node in callbacks.items():
+            if isinstance(node, DictConfig) and node.get("_target_"):
+                try:
+                    target = get_object(node["_target_"])
+                except Exception as err:
+                    raise ConfigError(
+                        f"callbacks.{name}._target_={node['_target_']!r} cannot be imported: {err}"
+                    ) from None
+                check_target_config(f"callbacks.{name}", node, target)
     run = cfg.get("run")
     if isinstance(run, DictConfig):
         check_target_config("run", run, RunOptions)

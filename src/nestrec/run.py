@@ -20,11 +20,19 @@ import time
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from nestrec.building import (
+    best_checkpoint,
+    build_callbacks,
+    build_logger,
+    build_strategy,
+    finish_wandb,
+    scalar,
+    split_trainer_config,
+)
 from nestrec.fileio import write_json_atomic
 
 __all__ = ["available_recipes", "main", "train"]
@@ -224,57 +232,6 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def build_strategy(cfg: DictConfig) -> Any:
-    from hydra.utils import instantiate
-
-    if cfg.get("_target_"):
-        return instantiate(cfg)
-    return cfg.get("name", "auto")
-
-
-def build_logger(cfg: DictConfig | None, output_dir: Path, run_name: str, group: str | None = None) -> Any:
-    """The configured Lightning logger; ``group`` ties the W&B runs of one multi-stage recipe together."""
-    from hydra.utils import instantiate
-
-    if not cfg or not cfg.get("_target_"):
-        return False
-    target = cfg["_target_"]
-    if target.endswith("WandbLogger"):
-        extra = {"group": group} if group else {}
-        return instantiate(cfg, save_dir=str(output_dir), name=run_name, **extra)
-    return instantiate(cfg, save_dir=str(output_dir))
-
-
-def build_callbacks(cfg: DictConfig, output_dir: Path) -> list:
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-
-    best = ModelCheckpoint(
-        dirpath=str(output_dir / "checkpoints"),
-        filename="best-epoch{epoch:03d}",
-        auto_insert_metric_name=False,
-        monitor=cfg.run.monitor,
-        mode=cfg.run.monitor_mode,
-        save_top_k=1,
-    )
-    # Lightning 2.6's save_last only writes when the top-k checkpoint changed; resuming needs the
-    # truly latest state, so a second, unmonitored checkpoint rewrites last.ckpt at every save.
-    last = ModelCheckpoint(
-        dirpath=str(output_dir / "checkpoints"),
-        filename="last",
-        monitor=None,
-        save_top_k=1,
-        enable_version_counter=False,
-    )
-    callbacks: list = [best, last]
-    if cfg.run.early_stopping_patience:
-        callbacks.append(
-            EarlyStopping(
-                monitor=cfg.run.monitor, mode=cfg.run.monitor_mode, patience=cfg.run.early_stopping_patience
-            )
-        )
-    return callbacks
-
-
 def _versions() -> dict[str, str]:
     import hydra as hydra_pkg
     import lightning
@@ -291,10 +248,6 @@ def _versions() -> dict[str, str]:
         "hydra": hydra_pkg.__version__,
         "torchmetrics": torchmetrics.__version__,
     }
-
-
-def _scalar(value: Any) -> float:
-    return float(value.item() if hasattr(value, "item") else value)
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -317,10 +270,18 @@ def train(cfg: DictConfig) -> float | None:
     datamodule.setup("fit")
     model = instantiate(cfg.model, _convert_="all", **datamodule.model_kwargs())
 
-    callbacks = build_callbacks(cfg, output_dir)
+    trainer_cfg, extra_callbacks = split_trainer_config(cfg.trainer)
+    callbacks = build_callbacks(
+        cfg.get("callbacks"),
+        output_dir,
+        cfg.run.monitor,
+        cfg.run.monitor_mode,
+        cfg.run.early_stopping_patience,
+        extra_callbacks,
+    )
     logger = build_logger(cfg.get("logger"), output_dir, run_name=f"{recipe}-{output_dir.name}")
     trainer = instantiate(
-        cfg.trainer,
+        trainer_cfg,
         strategy=build_strategy(cfg.strategy),
         logger=logger,
         callbacks=callbacks,
@@ -334,28 +295,29 @@ def train(cfg: DictConfig) -> float | None:
 
     if cfg.run.fit:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.run.ckpt_path)
-    checkpoint = callbacks[0]
+    checkpoint = best_checkpoint(callbacks)
+    best_path = checkpoint.best_model_path if checkpoint is not None else ""
     metrics: dict[str, float] = {}
     if cfg.run.fit:
         metrics.update(
-            {k: _scalar(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
+            {k: scalar(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
         )
     if cfg.run.test:
         # After fitting, test the best checkpoint; in test-only runs, the one given.
-        best = "best" if checkpoint.best_model_path else None
+        best = "best" if best_path else None
         ckpt_path = best if cfg.run.fit else cfg.run.ckpt_path
         results = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
         for result in results:
-            metrics.update({k: _scalar(v) for k, v in result.items()})
+            metrics.update({k: scalar(v) for k, v in result.items()})
 
     summary = {
         "recipe": recipe,
         "status": "ok",
         "metrics": metrics,
         "monitor": cfg.run.monitor,
-        "best_checkpoint": checkpoint.best_model_path or None,
-        "best_score": _scalar(checkpoint.best_model_score)
-        if checkpoint.best_model_score is not None
+        "best_checkpoint": best_path or None,
+        "best_score": scalar(checkpoint.best_model_score)
+        if checkpoint is not None and checkpoint.best_model_score is not None
         else None,
         "global_step": trainer.global_step,
         "epochs": trainer.current_epoch,
@@ -371,7 +333,7 @@ def train(cfg: DictConfig) -> float | None:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(output_dir / "summary.json", summary)
         _print_headline(summary)
-    _finish_wandb(logger)
+    finish_wandb(logger)
     monitored = metrics.get(cfg.run.monitor)
     return monitored
 
@@ -417,15 +379,6 @@ def _print_stage_headline(summary: dict, order: list[str]) -> None:
     print(
         f"[nestrec] summary: {summary['output_dir']}/summary.json ({summary['wall_time_s']:.1f}s)", flush=True
     )
-
-
-def _finish_wandb(logger: Any) -> None:
-    """Close the W&B run so the next job of a sweep (same process) starts a fresh one."""
-    if logger and type(logger).__name__ == "WandbLogger":
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish()
 
 
 def _print_headline(summary: dict) -> None:

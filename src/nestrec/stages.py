@@ -194,13 +194,19 @@ class StageRunner:
     def _trainer(self, directory: Path, name: str, overrides: Any, monitor: str, mode: str):
         from hydra.utils import instantiate
 
-        from nestrec.run import build_callbacks, build_logger, build_strategy
+        from nestrec.building import (
+            best_checkpoint,
+            build_callbacks,
+            build_logger,
+            build_strategy,
+            split_trainer_config,
+        )
 
         trainer_cfg = OmegaConf.merge(self.cfg.trainer, overrides or {}, self.caps.get("trainer", {}))
-        run_cfg = OmegaConf.create(
-            {"run": {"monitor": monitor, "monitor_mode": mode, "early_stopping_patience": None}}
+        trainer_cfg, extra_callbacks = split_trainer_config(trainer_cfg)
+        callbacks = build_callbacks(
+            self.cfg.get("callbacks"), directory, monitor, mode, None, extra_callbacks
         )
-        callbacks = build_callbacks(run_cfg, directory)
         logger = build_logger(
             self.cfg.get("logger"), directory, run_name=f"{self.recipe}-{name}", group=self.output_dir.name
         )
@@ -212,17 +218,17 @@ class StageRunner:
             default_root_dir=str(directory),
             _convert_="all",
         )
-        return trainer, callbacks[0], logger
+        return trainer, best_checkpoint(callbacks), logger
 
     def _fit_and_test(
         self, directory: Path, name: str, module, datamodule, spec, monitor: str, mode: str, test: bool
     ):
-        from nestrec.run import _finish_wandb, _scalar
+        from nestrec.building import finish_wandb, scalar
 
         trainer, best, logger = self._trainer(directory, name, spec.get("trainer"), monitor, mode)
         trainer.fit(module, datamodule=datamodule)
         metrics = {
-            k: _scalar(v)
+            k: scalar(v)
             for k, v in trainer.callback_metrics.items()
             if k.startswith(("val/", "train/", "rl/"))
         }
@@ -230,18 +236,18 @@ class StageRunner:
             for result in trainer.test(
                 module,
                 datamodule=datamodule,
-                ckpt_path="best" if best.best_model_path else None,
+                ckpt_path="best" if best is not None and best.best_model_path else None,
                 verbose=False,
             ):
-                metrics.update({k: _scalar(v) for k, v in result.items()})
+                metrics.update({k: scalar(v) for k, v in result.items()})
         self.loggers[name] = logger
         out = {
             "metrics": metrics,
-            "checkpoint": best.best_model_path or None,
+            "checkpoint": (best.best_model_path if best is not None else None) or None,
             "global_step": trainer.global_step,
         }
         if name != "align":
-            _finish_wandb(logger)
+            finish_wandb(logger)
         return out
 
     def _pretrain_module(self, cls=None, **extra):
@@ -376,7 +382,7 @@ def run_stages(cfg: DictConfig, output_dir: Path, recipe: str | None) -> tuple[d
         logger = runner.loggers.get("align")
         if logger is not None and hasattr(logger, "log_table"):
             logger.log_table(key="comparison", columns=columns, data=rows)
-        from nestrec.run import _finish_wandb
+        from nestrec.building import finish_wandb
 
-        _finish_wandb(logger)
+        finish_wandb(logger)
     return metrics, results, runner.datamodule

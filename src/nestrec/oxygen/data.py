@@ -64,7 +64,8 @@ class OxygenDataModule(SequenceDataModule):
         max_len: int | None = None,
         **kwargs,
     ):
-        del max_len  # derived: the encoder reads the recent and the long window
+        # max_len is derived (the encoder reads the recent and the long window); the parameter
+        # exists so configs may carry it as null.
         kwargs["max_len"] = recent_len + long_len
         super().__init__(*args, **kwargs)
         unknown = [s for s in train_scenarios if s not in SCENARIO_KINDS]

@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 $(BIN)/.nestrec-installed: pyproject.toml plugins/nestrec-npu/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,all]"
 	$(BIN)/pip install --quiet --disable-pip-version-check -e plugins/nestrec-npu
 	touch $@
 

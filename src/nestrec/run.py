@@ -163,13 +163,16 @@ def _one_line(message: str, overrides: list[str]) -> str:
             else f"add it with +{key}=..."
         )
         return f"{key} is not a key of the config; {suggestion}"
-    match = re.search(r"Could not find '([^'/]+)/([^']+)'", message)
+    match = re.search(r"Could not find '([^']+)/([^'/]+)'", message)
     if match:
         group, option = match.groups()
         options = re.search(rf"Available options in '{re.escape(group)}':\n((?:\t.*\n?)*)", message)
         listing = ", ".join(o.strip() for o in options.group(1).splitlines() if o.strip()) if options else ""
-        return f"{group}={option} is not an option of the {group!r} group" + (
-            f" (available: {listing})" if listing else ""
+        plugin = " (Hydra's sweeper/launcher plugins come with the sweep extra: pip install -e '.[sweep]')"
+        return (
+            f"{group}={option} is not an option of the {group!r} group"
+            + (f" (available: {listing})" if listing else "")
+            + (plugin if group.startswith("hydra/") else "")
         )
     return " ".join(line.strip() for line in message.strip().splitlines() if line.strip())
 
@@ -304,7 +307,7 @@ def train(cfg: DictConfig) -> float | None:
         )
     if cfg.run.test:
         # After fitting, test the best checkpoint; in test-only runs, the one given.
-        best = "best" if best_path else None
+        best = best_path or None
         ckpt_path = best if cfg.run.fit else cfg.run.ckpt_path
         results = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
         for result in results:

@@ -236,7 +236,7 @@ class StageRunner:
             for result in trainer.test(
                 module,
                 datamodule=datamodule,
-                ckpt_path="best" if best is not None and best.best_model_path else None,
+                ckpt_path=(best.best_model_path if best is not None else None) or None,
                 verbose=False,
             ):
                 metrics.update({k: scalar(v) for k, v in result.items()})

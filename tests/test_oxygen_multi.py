@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from nestrec.errors import ConfigError
 from nestrec.oxygen.align import SAGCPOModule
 from nestrec.oxygen.ranker import UnifiedRankerModule
 from nestrec.oxygen.sid import SIDRegistry
+from nestrec.wandb_offline import offline_runs
 
 FIXTURE = [
     "recipe=oxygenrec_multi", "data=oxygen_fixture", "stages.cri.backend=rules", "stages.cri.max_users=30",
@@ -40,9 +40,22 @@ def test_oxygenrec_multi_runs_every_stage_and_reuses_finished_ones(tmp_path):
     assert summary["stages"]["cri"]["stats"]["generated"] > 0
     assert summary["data"]["cri_coverage"]["test"] > 0
     assert "SA-GCPO NDCG@10" in (run_dir / "comparison.md").read_text()
-    # One offline W&B run per Lightning stage, grouped by the run directory's name.
+    # One offline W&B run per Lightning stage: its own job_type, one group for the run, the whole
+    # config, its checkpoint as an Artifact; the align run also holds the comparison plot + table.
+    runs = {}
     for stage in ("pretrain", "ranker", "align"):
-        assert list(Path(summary["stages"][stage]["dir"]).glob("wandb/offline-run-*")), stage
+        [run] = offline_runs(summary["stages"][stage]["dir"])
+        runs[run.job_type] = run
+    assert set(runs) == {"pretrain", "ranker", "align"}
+    assert len({r.group for r in runs.values()}) == 1 and "oxygenrec_multi" in runs["align"].group
+    for stage, run in runs.items():
+        assert {"model", "data", "stages", "trainer", "reward"} <= set(run.config), run.config.keys()
+        assert (f"oxygenrec_multi-{stage}-checkpoint", "model") in run.artifacts, run.artifacts
+        assert "data=oxygen_fixture" in run.tags
+    assert ("oxygenrec_multi-comparison", "results") in runs["align"].artifacts
+    assert runs["align"].images and any(k.startswith("comparison_plot") for k in runs["align"].history_keys)
+    assert (run_dir / "comparison.png").stat().st_size > 10_000
+    assert "[nestrec] upload them with: wandb sync " in first.stdout
 
     # Forcing the ranker re-runs it and what depends on it (align), and reuses the rest.
     second = run_nestrec([*args, "stages.force=[ranker]"], tmp_path, env_extra=env)

@@ -4,6 +4,7 @@ so neither imports the other."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ __all__ = [
     "build_logger",
     "build_strategy",
     "finish_wandb",
+    "log_artifact",
+    "wandb_identity",
     "scalar",
     "split_trainer_config",
 ]
@@ -28,17 +31,67 @@ def build_strategy(cfg: DictConfig) -> Any:
     return cfg.get("name", "auto")
 
 
-def build_logger(cfg: DictConfig | None, output_dir: Path, run_name: str, group: str | None = None) -> Any:
-    """The configured Lightning logger; ``group`` ties the W&B runs of one multi-stage recipe together."""
+def wandb_identity(output_dir: Path, recipe: str | None) -> dict[str, Any]:
+    """W&B ``group`` and ``tags`` of a run: one group per run — or per sweep, so every job of a
+    ``-m`` sweep and every stage of each job land together — and the command-line overrides as tags."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    group, tags = f"{recipe}-{output_dir.parent.name}-{output_dir.name}", []
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            sweep = Path(hydra_cfg.sweep.dir)
+            group = f"{recipe}-sweep-{sweep.parent.name}-{sweep.name}"
+            tags.append(f"job={hydra_cfg.job.num}")
+        tags += [override[:64] for override in hydra_cfg.overrides.task][:30]  # W&B: 64 chars a tag
+    return {"group": group, "tags": tags}
+
+
+def build_logger(
+    cfg: DictConfig | None,
+    output_dir: Path,
+    run_name: str,
+    job_type: str = "train",
+    identity: dict[str, Any] | None = None,
+    config: dict | None = None,
+) -> Any:
+    """The configured Lightning logger. For W&B: ``job_type`` names the stage, ``identity``
+    (:func:`wandb_identity`) groups and tags the run, ``config`` is the whole resolved config."""
     from hydra.utils import instantiate
 
     if not cfg or not cfg.get("_target_"):
         return False
     target = cfg["_target_"]
     if target.endswith("WandbLogger"):
-        extra = {"group": group} if group else {}
-        return instantiate(cfg, save_dir=str(output_dir), name=run_name, **extra)
+        from hydra.utils import get_class
+
+        # Not instantiate(): its own first parameter is called ``config``, like wandb.init's.
+        kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "_target_"}
+        kwargs.update(
+            save_dir=str(output_dir), name=run_name, job_type=job_type, config=config, **(identity or {})
+        )
+        return get_class(target)(**kwargs)
     return instantiate(cfg, save_dir=str(output_dir))
+
+
+def log_artifact(logger: Any, name: str, kind: str, paths: list[Path]) -> None:
+    """Attach files or directories (a sharded checkpoint is a directory) to a W&B run as one
+    Artifact; other loggers keep them where they are."""
+    if not logger or type(logger).__name__ != "WandbLogger":
+        return
+    import wandb
+
+    paths = [Path(p) for p in paths if p and Path(p).exists()]
+    if not paths:
+        return
+    artifact = wandb.Artifact(re.sub(r"[^A-Za-z0-9._-]", "-", name)[:128], type=kind)
+    for path in paths:
+        if path.is_dir():
+            artifact.add_dir(str(path), name=path.name)
+        else:
+            artifact.add_file(str(path))
+    logger.experiment.log_artifact(artifact)
 
 
 def build_callbacks(

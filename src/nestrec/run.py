@@ -30,8 +30,10 @@ from nestrec.building import (
     build_logger,
     build_strategy,
     finish_wandb,
+    log_artifact,
     scalar,
     split_trainer_config,
+    wandb_identity,
 )
 from nestrec.fileio import write_json_atomic
 
@@ -282,7 +284,13 @@ def train(cfg: DictConfig) -> float | None:
         cfg.run.early_stopping_patience,
         extra_callbacks,
     )
-    logger = build_logger(cfg.get("logger"), output_dir, run_name=f"{recipe}-{output_dir.name}")
+    logger = build_logger(
+        cfg.get("logger"),
+        output_dir,
+        run_name=f"{recipe}-{output_dir.name}",
+        identity=wandb_identity(output_dir, recipe),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
     trainer = instantiate(
         trainer_cfg,
         strategy=build_strategy(cfg.strategy),
@@ -293,7 +301,7 @@ def train(cfg: DictConfig) -> float | None:
     )
     if trainer.is_global_zero:
         print(f"[nestrec] recipe={recipe} data={json.dumps(datamodule.describe())}", flush=True)
-        if logger:
+        if logger and type(logger).__name__ != "WandbLogger":  # W&B got the config at init
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     if cfg.run.fit:
@@ -335,8 +343,12 @@ def train(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(output_dir / "summary.json", summary)
+        log_artifact(logger, f"{recipe}-checkpoint", "model", [best_path])
+        log_artifact(logger, f"{recipe}-summary", "results", [output_dir / "summary.json"])
         _print_headline(summary)
     finish_wandb(logger)
+    if trainer.is_global_zero:
+        print_outputs(output_dir)
     monitored = metrics.get(cfg.run.monitor)
     return monitored
 
@@ -364,6 +376,7 @@ def _train_stages(cfg: DictConfig, output_dir: Path, recipe: str | None, started
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(output_dir / "summary.json", summary)
         _print_stage_headline(summary, cfg.stages.order)
+        print_outputs(output_dir, [Path(r["dir"]) for r in results.values() if r.get("dir")])
     return metrics.get(summary["monitor"])
 
 
@@ -382,6 +395,17 @@ def _print_stage_headline(summary: dict, order: list[str]) -> None:
     print(
         f"[nestrec] summary: {summary['output_dir']}/summary.json ({summary['wall_time_s']:.1f}s)", flush=True
     )
+
+
+def print_outputs(output_dir: Path, stage_dirs: list[Path] | None = None) -> None:
+    """Where the run's results, plots and W&B offline runs are, and how to upload the runs."""
+    found = [p for p in ("summary.json", "comparison.md", "comparison.png") if (output_dir / p).exists()]
+    print(f"[nestrec] results: {output_dir}/ ({', '.join(found)})", flush=True)
+    roots = [output_dir, *(stage_dirs or [])]
+    runs = sorted({d for root in roots for d in root.rglob("offline-run-*") if d.is_dir()})
+    if runs:
+        print(f"[nestrec] W&B: {len(runs)} offline run(s), e.g. {runs[0]}", flush=True)
+        print(f"[nestrec] upload them with: wandb sync {' '.join(str(r) for r in runs)}", flush=True)
 
 
 def _print_headline(summary: dict) -> None:

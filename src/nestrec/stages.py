@@ -200,6 +200,7 @@ class StageRunner:
             build_logger,
             build_strategy,
             split_trainer_config,
+            wandb_identity,
         )
 
         trainer_cfg = OmegaConf.merge(self.cfg.trainer, overrides or {}, self.caps.get("trainer", {}))
@@ -208,7 +209,12 @@ class StageRunner:
             self.cfg.get("callbacks"), directory, monitor, mode, None, extra_callbacks
         )
         logger = build_logger(
-            self.cfg.get("logger"), directory, run_name=f"{self.recipe}-{name}", group=self.output_dir.name
+            self.cfg.get("logger"),
+            directory,
+            run_name=f"{self.recipe}-{name}",
+            job_type=name,
+            identity=wandb_identity(self.output_dir, self.recipe),
+            config=_plain(self.cfg),
         )
         trainer = instantiate(
             trainer_cfg,
@@ -223,7 +229,7 @@ class StageRunner:
     def _fit_and_test(
         self, directory: Path, name: str, module, datamodule, spec, monitor: str, mode: str, test: bool
     ):
-        from nestrec.building import finish_wandb, scalar
+        from nestrec.building import finish_wandb, log_artifact, scalar
 
         trainer, best, logger = self._trainer(directory, name, spec.get("trainer"), monitor, mode)
         trainer.fit(module, datamodule=datamodule)
@@ -241,6 +247,10 @@ class StageRunner:
             ):
                 metrics.update({k: scalar(v) for k, v in result.items()})
         self.loggers[name] = logger
+        if self._is_rank_zero():
+            log_artifact(
+                logger, f"{self.recipe}-{name}-checkpoint", "model", [best.best_model_path if best else None]
+            )
         out = {
             "metrics": metrics,
             "checkpoint": (best.best_model_path if best is not None else None) or None,
@@ -353,6 +363,30 @@ COMPARISON_COLUMNS = [
 ]
 
 
+def plot_comparison(columns: list[str], rows: list[list], path: Path, label: str) -> None:
+    """Per-scenario HR@10 and NDCG@10 before (pre-training) and after alignment, as grouped bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = [row[0] for row in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, metric in zip(axes, ("HR@10", "NDCG@10")):
+        before = [row[columns.index(f"pretrain {metric}")] or 0.0 for row in rows]
+        after = [row[columns.index(f"{label} {metric}")] or 0.0 for row in rows]
+        xs = range(len(scenarios))
+        ax.bar([x - 0.2 for x in xs], before, width=0.4, label="pre-training")
+        ax.bar([x + 0.2 for x in xs], after, width=0.4, label=f"after {label}")
+        ax.set_xticks(list(xs), scenarios)
+        ax.set_title(f"test {metric} by scenario")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def markdown_table(columns: list[str], rows: list[list]) -> str:
     def cell(v):
         return "–" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
@@ -376,12 +410,22 @@ def run_stages(cfg: DictConfig, output_dir: Path, recipe: str | None) -> tuple[d
         columns = [c.replace("SA-GCPO", label) for c in COMPARISON_COLUMNS]
         rows = comparison_rows(results, list(runner.datamodule.hparams.scenarios))
         table = markdown_table(columns, rows)
-        if runner._is_rank_zero():
-            (output_dir / "comparison.md").write_text(table + "\n")
-            print(table, flush=True)
         logger = runner.loggers.get("align")
-        if logger is not None and hasattr(logger, "log_table"):
-            logger.log_table(key="comparison", columns=columns, data=rows)
+        if runner._is_rank_zero():
+            from nestrec.building import log_artifact
+
+            (output_dir / "comparison.md").write_text(table + "\n")
+            plot_comparison(columns, rows, output_dir / "comparison.png", label)
+            print(table, flush=True)
+            if logger and hasattr(logger, "log_table"):
+                logger.log_table(key="comparison", columns=columns, data=rows)
+                logger.log_image(key="comparison_plot", images=[str(output_dir / "comparison.png")])
+            log_artifact(
+                logger,
+                f"{recipe}-comparison",
+                "results",
+                [output_dir / "comparison.md", output_dir / "comparison.png"],
+            )
         from nestrec.building import finish_wandb
 
         finish_wandb(logger)

@@ -191,3 +191,22 @@ def test_sasrec_with_sharded_item_table_under_nestpipe(tmp_path):
     other.mkdir()
     result = run_nestrec([*common, "strategy=ddp"], other, env_extra=_env(tmp_path))
     assert result.returncode != 0 and "use strategy=nestpipe" in result.stderr
+
+
+def test_named_strategies_and_public_imports():
+    """What the README shows: a schedule by name, or the Python form; the classes import from their package."""
+    import lightning.pytorch as pl
+
+    from nestrec.pipeline import PipelinedLightningModule  # noqa: F401
+    from nestrec.strategy import NestPipeStrategy
+
+    for mode in ("sync", "dbp", "fwp", "nested"):
+        name = "nestpipe" if mode == "sync" else f"nestpipe_{mode}"
+        trainer = pl.Trainer(
+            strategy=name, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False
+        )
+        assert (
+            isinstance(trainer.strategy, NestPipeStrategy) and trainer.strategy.pipeline_config.mode == mode
+        )
+    strategy = NestPipeStrategy(pipeline="nested", micro_batches=4, clustering="signature")
+    assert strategy.pipeline_config.num_micro_batches == 4 and strategy.pipeline_config.prefetch

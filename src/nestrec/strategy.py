@@ -220,12 +220,17 @@ class NestPipeStrategy(DDPStrategy):
     # -- registry ----------------------------------------------------------------------------------
     @classmethod
     def register_strategies(cls, strategy_registry) -> None:
-        for name, start_method in (("nestpipe", "popen"), ("nestpipe_spawn", "spawn")):
+        """``nestpipe`` / ``nestpipe_spawn`` (synchronous) and one name per pipelined schedule:
+        ``nestpipe_dbp``, ``nestpipe_fwp``, ``nestpipe_nested`` (``Trainer(strategy=...)``)."""
+        names = [("nestpipe", "sync", "popen"), ("nestpipe_spawn", "sync", "spawn")]
+        names += [(f"nestpipe_{mode}", mode, "popen") for mode in PIPELINE_MODES if mode != "sync"]
+        for name, mode, start_method in names:
             if name not in strategy_registry:
                 strategy_registry.register(
                     name,
                     cls,
-                    description=f"NestPipe row-sharded embeddings, synchronous (start_method={start_method})",
+                    description=f"NestPipe row-sharded embeddings, pipeline={mode} (start_method={start_method})",
+                    pipeline=mode,
                     start_method=start_method,
                 )
 

@@ -21,7 +21,9 @@ def _blocked(name: str) -> bool:
 class _Extras(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if _blocked(name):
-            raise ModuleNotFoundError(f"No module named {name!r} (lean-core test: extras are absent)", name=name)
+            raise ModuleNotFoundError(
+                f"No module named {name!r} (lean-core test: extras are absent)", name=name
+            )
         return None
 
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from conftest import real_data_dir, run_nestrec
+from nestrec.wandb_offline import offline_runs
 
 FIXTURE = ["data=fixture", "debug=smoke", "trainer.enable_progress_bar=false"]
 
@@ -39,6 +40,14 @@ def test_smoke_run_writes_summary_checkpoints_and_offline_wandb(tmp_path):
     [log] = list(offline.glob("run-*.wandb"))
     payload = log.read_bytes()
     assert payload.startswith(b":W&B") and b"test/ndcg@10" in payload and b"train/loss" in payload
+    [run] = offline_runs(run_dir)
+    assert run.job_type == "train" and run.group.startswith("sasrec_ml1m-") and "data=fixture" in run.tags
+    assert run.config["model"]["dim"] == 64 and run.config["run"]["monitor"] == "val/ndcg@10"
+    assert {("sasrec_ml1m-checkpoint", "model"), ("sasrec_ml1m-summary", "results")} <= set(run.artifacts)
+    assert any("train/loss" in row for row in run.history)
+    assert "[nestrec] upload them with: wandb sync " in result.stdout
+    _ok(run_nestrec([str(run_dir)], tmp_path, module="nestrec.report"))  # curves from W&B, no CSV
+    assert (run_dir / "report_curves.png").stat().st_size > 5_000
 
 
 def test_csv_logger_and_resume_from_checkpoint(tmp_path):

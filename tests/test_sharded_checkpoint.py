@@ -34,6 +34,40 @@ def test_reshard_between_world_sizes(tmp_path, saved_world, loaded_world, shardi
     assert saved["item.state.exp_avg"].abs().sum() > 0  # optimizer state really travelled
 
 
+def test_consolidate_assembles_every_table_without_the_model(tmp_path):
+    """``python -m nestrec.checkpoint CKPT OUT``: a 4-rank checkpoint as one plain file, equal to
+    the tables the ranks held; a corrupted shard is one line and writes nothing."""
+    import subprocess
+    import sys
+
+    _spawn(tmp_path, 4, "range", "save", "save")
+    saved = torch.load(tmp_path / "full-saved.pt")
+    out = tmp_path / "plain.pt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "nestrec.checkpoint", str(tmp_path / "ckpt"), str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    plain = torch.load(out, weights_only=False)
+    assert plain["note"] == "meta"  # Lightning's dict is kept
+    [tables] = plain["sharded_tables"]
+    for key, value in saved.items():
+        if key == "steps":
+            assert [tables[t.name]["step"] for t in TABLES] == value.tolist()
+            continue
+        name, what = key.split(".", 1)
+        assert torch.equal(tables[name][what], value), key
+    shard = next((tmp_path / "ckpt").glob("shard-00002-*.pt"))
+    shard.write_bytes(shard.read_bytes()[:-8] + b"xxxxxxxx")
+    bad = subprocess.run(
+        [sys.executable, "-m", "nestrec.checkpoint", str(tmp_path / "ckpt"), str(tmp_path / "bad.pt")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "corrupted" in bad.stderr and bad.stderr.count("\n") == 1
+    assert not (tmp_path / "bad.pt").exists()
+
+
 def _saved_checkpoint(tmp_path):
     tables = ShardedEmbeddingCollection(TABLES, optimizer=row_optimizer("adagrad"), dtype=torch.float64)
     path = save_shards(tmp_path / "ck.ckpt", {"epoch": 1}, [tables], 0, 1, lambda: None)

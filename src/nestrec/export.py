@@ -113,26 +113,16 @@ def resolve_checkpoint(settings: ExportSettings) -> Path:
 
 def _sharded_item_table(path: Path) -> torch.Tensor:
     """The full item-ID table of a NestPipe sharded checkpoint, from every rank's shard."""
-    from nestrec.checkpoint.sharded import read_manifest
+    from nestrec.checkpoint.sharded import CheckpointError, consolidate
 
-    manifest = read_manifest(path)
-    found = [(i, c["tables"]["item"]) for i, c in enumerate(manifest["collections"]) if "item" in c["tables"]]
+    try:
+        collections = consolidate(path)["sharded_tables"]
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
+    found = [c["item"] for c in collections if "item" in c]
     if len(found) != 1:
         raise ExportError(f"{path}: expected one sharded 'item' table, found {len(found)}")
-    index, shape = found[0]
-    table = torch.zeros(shape["num_rows"], shape["dim"])
-    filled = torch.zeros(shape["num_rows"], dtype=torch.bool)
-    world = manifest["world_size"]
-    for rank in range(world):
-        name = f"shard-{rank:05d}-of-{world:05d}.pt"
-        if sha256_file(path / name) != manifest["files"][name]["sha256"]:
-            raise ExportError(f"{path}: shard {name} is corrupted (SHA-256 mismatch)")
-        shard = torch.load(path / name, map_location="cpu", weights_only=True)[f"collection{index}"]["item"]
-        table[shard["global_ids"]] = shard["weight"].float()
-        filled[shard["global_ids"]] = True
-    if not bool(filled.all()):
-        raise ExportError(f"{path}: the shards cover {int(filled.sum())} of {len(filled)} item rows")
-    return table
+    return found[0]["weight"].float()
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:

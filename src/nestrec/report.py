@@ -2,8 +2,8 @@
 
 Every job of ``python -m nestrec.run -m ...`` writes ``summary.json`` in its own directory; this
 collects them (recursively), labels each job by its Hydra overrides, and writes ``report.md`` (a
-markdown table, also printed), ``report.png`` (the chosen metrics per job) and, for runs logged
-with ``logger=csv``, ``report_curves.png`` (training loss and validation NDCG@10 over steps) into ``DIR``.
+markdown table, also printed), ``report.png`` (the chosen metrics per job) and ``report_curves.png``
+(training loss and validation NDCG@10 over steps, from the runs' CSV or W&B offline logs) into ``DIR``.
 """
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ def plot(rows: list[dict], path: Path, metrics: tuple[str, ...] = DEFAULT_METRIC
 
 
 def plot_curves(rows: list[dict], path: Path, metrics: tuple[str, ...] | None = None) -> Path | None:
-    """Learning curves (training loss, the monitored validation metric) of every run that logged
-    CSV metrics (``logger=csv``); None if none did."""
+    """Learning curves (training loss, the monitored validation metric) of every run, read from its
+    CSV metrics (``logger=csv``) or its W&B offline runs (the default logger); None if it has neither."""
     metrics = metrics or ("train/loss", (rows[0].get("monitor") if rows else None) or "val/ndcg@10")
     import csv
 
@@ -102,12 +102,20 @@ def plot_curves(rows: list[dict], path: Path, metrics: tuple[str, ...] | None = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from nestrec.wandb_offline import offline_runs
+
     series = []
     for row in rows:
         for metrics_csv in sorted(Path(row["path"]).rglob("metrics.csv")):
             with metrics_csv.open() as fh:
                 records = list(csv.DictReader(fh))
             series.append((row["job"], records))
+        if not any(Path(row["path"]).rglob("metrics.csv")):
+            for run in offline_runs(row["path"]):  # W&B offline runs: the same curves, from history
+                records = [
+                    {"step": r["trainer/global_step"], **r} for r in run.history if "trainer/global_step" in r
+                ]
+                series.append((row["job"], records))
     if not series:
         return None
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 3.6))

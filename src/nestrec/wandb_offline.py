@@ -61,6 +61,7 @@ class OfflineRun:
     config: dict = field(default_factory=dict)
     artifacts: list[tuple[str, str]] = field(default_factory=list)  # (name, type)
     history_keys: set[str] = field(default_factory=set)
+    history: list[dict] = field(default_factory=list)  # one dict per logged step (scalars only)
     images: list[Path] = field(default_factory=list)
 
 
@@ -87,7 +88,14 @@ def read_offline_run(directory: str | Path) -> OfflineRun:
         elif kind == "artifact":
             run.artifacts.append((record.artifact.name, record.artifact.type))
         elif kind == "history":
-            run.history_keys.update(item.key or "/".join(item.nested_key) for item in record.history.item)
+            row = {}
+            for item in record.history.item:
+                key = item.key or "/".join(item.nested_key)
+                run.history_keys.add(key)
+                value = json.loads(item.value_json) if item.value_json else None
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    row[key] = value
+            run.history.append(row)
     run.images = sorted((directory / "files" / "media" / "images").glob("*.png"))
     return run
 

@@ -1,5 +1,14 @@
-"""Sharded checkpoints of row-sharded tables: per-rank shard files + a manifest, reshardable."""
+"""Sharded checkpoints of row-sharded tables: per-rank shard files + a manifest, reshardable.
 
-from nestrec.checkpoint.sharded import CheckpointError, is_sharded_checkpoint, load_shards, save_shards
+``python -m nestrec.checkpoint CKPT_DIR OUT.pt`` consolidates one into a single plain file.
+"""
 
-__all__ = ["CheckpointError", "is_sharded_checkpoint", "load_shards", "save_shards"]
+from nestrec.checkpoint.sharded import (
+    CheckpointError,
+    consolidate,
+    is_sharded_checkpoint,
+    load_shards,
+    save_shards,
+)
+
+__all__ = ["CheckpointError", "consolidate", "is_sharded_checkpoint", "load_shards", "save_shards"]

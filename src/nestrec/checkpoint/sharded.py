@@ -32,6 +32,7 @@ from nestrec.fileio import sha256_file
 
 __all__ = [
     "CheckpointError",
+    "consolidate",
     "is_sharded_checkpoint",
     "save_shards",
     "load_shards",
@@ -153,6 +154,11 @@ def verify(path: str | Path, collections: list) -> dict:
             raise CheckpointError(
                 f"{path}: sparse optimizer state {saved.get('optimizer_state')} does not match the model's {wanted}"
             )
+    _verify_files(path, manifest)
+    return manifest
+
+
+def _verify_files(path: Path, manifest: dict) -> None:
     world = manifest["world_size"]
     for r in range(world):
         name = _shard_name(r, world)
@@ -166,7 +172,47 @@ def verify(path: str | Path, collections: list) -> dict:
             )
         if sha256_file(f) != expected["sha256"]:
             raise CheckpointError(f"{path}: shard {name} is corrupted (SHA-256 mismatch)")
-    return manifest
+
+
+def consolidate(path: str | Path) -> dict:
+    """A sharded checkpoint as one plain dict, without the model: Lightning's ``meta.pt`` dict plus
+    ``sharded_tables`` — per collection, per table, the whole ``weight``, every optimizer-state
+    tensor (``state.<name>``) and the ``step`` — assembled from every rank's shard (verified).
+
+    For export, inspection or a single-process consumer; it materialises every table whole.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    if not (path / META_FILE).exists():
+        raise CheckpointError(f"{path}: {META_FILE} is missing")
+    _verify_files(path, manifest)
+    meta = torch.load(path / META_FILE, map_location="cpu", weights_only=False)
+    world = manifest["world_size"]
+    tables: list[dict[str, dict]] = [{} for _ in manifest["collections"]]
+    filled: list[dict[str, torch.Tensor]] = [{} for _ in manifest["collections"]]
+    for r in range(world):
+        shard = torch.load(path / _shard_name(r, world), map_location="cpu", weights_only=True)
+        for i, saved_collection in enumerate(manifest["collections"]):
+            for name, shape in saved_collection["tables"].items():
+                saved = shard[_collection_key(i)][name]
+                target = tables[i].setdefault(name, {"step": 0})
+                mask = filled[i].setdefault(name, torch.zeros(shape["num_rows"], dtype=torch.bool))
+                ids = saved["global_ids"]
+                for key, value in saved.items():
+                    if key in ("global_ids", "step"):
+                        continue
+                    if key not in target:
+                        target[key] = torch.zeros(shape["num_rows"], *value.shape[1:], dtype=value.dtype)
+                    target[key][ids] = value
+                mask[ids] = True
+                target["step"] = max(target["step"], int(saved["step"]))
+    for collection in filled:
+        for name, mask in collection.items():
+            if not bool(mask.all()):
+                raise CheckpointError(
+                    f"{path}: the shards cover {int(mask.sum())} of {len(mask)} rows of {name!r}"
+                )
+    return {**meta, "sharded_tables": tables}
 
 
 def load_shards(path: str | Path, collections: list) -> dict:

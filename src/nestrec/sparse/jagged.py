@@ -8,6 +8,7 @@ feature ``f``. One flat tensor is what the pipelines move (H2D, key routing) in 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -55,6 +56,20 @@ class JaggedFeatures:
         return cls.from_dict(
             {k: (v.reshape(-1), torch.ones(v.numel(), dtype=torch.long)) for k, v in features.items()}
         )
+
+    @classmethod
+    def from_kjt(cls, kjt: Any) -> JaggedFeatures:
+        """From TorchRec's ``KeyedJaggedTensor`` (the same key-major layout), so an existing TorchRec
+        data pipeline feeds nestrec unchanged. Per-id weights have no place here and are refused."""
+        if kjt.weights_or_none() is not None:
+            raise ValueError("a weighted KeyedJaggedTensor cannot become JaggedFeatures (ids only)")
+        return cls(list(kjt.keys()), kjt.values().long(), kjt.lengths().long())
+
+    def to_kjt(self) -> Any:
+        """This batch as a TorchRec ``KeyedJaggedTensor`` (needs ``torchrec``: ``make torchrec-venv``)."""
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        return KeyedJaggedTensor(keys=list(self.keys), values=self.values, lengths=self.lengths)
 
     @property
     def batch_size(self) -> int:

@@ -152,10 +152,10 @@ def exact_tables() -> list[EmbeddingTableConfig]:
     ]
 
 
-def exactness(device, rank: int, world: int, groups_for) -> dict[str, float]:
+def exactness(device, rank: int, world: int, groups_for, steps: int = 12) -> dict[str, float]:
     """Every schedule × placement on ``device`` against sync on the CPU (float64, same batches)."""
     tables = exact_tables()
-    batches = make_batches(tables, 12, 16, 6, seed=100 + rank)
+    batches = make_batches(tables, steps, 16, 6, seed=100 + rank)
     kwargs = dict(
         rank=rank, world=world, dtype=torch.float64, hidden=[16], sparse=lambda: RowWiseAdagrad(lr=0.2)
     )
@@ -263,7 +263,7 @@ def single_worker(rank: int, args, init_file: str, out_file: str) -> None:
         result = {}
         start = time.perf_counter()
         result["exact"] = exactness(
-            device, 0, 1, lambda d: two_groups("gloo" if d.type == "cpu" else backend)
+            device, 0, 1, lambda d: two_groups("gloo" if d.type == "cpu" else backend), args.exact_steps
         )
         worst = max(result["exact"].values())
         log(
@@ -294,7 +294,7 @@ def pair_worker(rank: int, args, init_file: str, out_file: str) -> None:
     device = torch.device(args.device)
     _init(rank, 2, "gloo", init_file)
     try:
-        diffs = exactness(device, rank, 2, lambda d: two_groups("gloo"))
+        diffs = exactness(device, rank, 2, lambda d: two_groups("gloo"), args.exact_steps)
         if rank == 0:
             torch.save(diffs, out_file)
     finally:
@@ -312,11 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=int, default=5)
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--tolerance", type=float, default=1e-10)
+    p.add_argument("--exact-steps", type=int, default=12, help="steps of each float64 exactness run")
     p.add_argument("--out", default="bench/results/gpu_check.json")
     args = p.parse_args(argv)
     if args.dry_run:
-        args.device, args.rows, args.memory_rows, args.batch, args.steps, args.threads = (
-            "cpu", 5_000, 200_000, 128, 12, 1,
+        args.device, args.rows, args.memory_rows, args.batch, args.steps, args.threads, args.exact_steps = (
+            "cpu", 5_000, 50_000, 64, 8, 1, 5,
         )  # fmt: skip
     elif not torch.cuda.is_available():
         log("no CUDA device here: run with --dry-run for the CPU rehearsal")

@@ -155,3 +155,41 @@ def test_a_table_that_only_fits_sharded_is_never_built_whole():
     huge.shard(99_999, 100_000)
     assert huge.stores["huge"].num_rows == 20_000
     assert huge.stores["huge"].weight.shape == (20_000, 64)
+
+
+def _bad_id_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import json
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        tables = _collection()
+        tables.shard(rank, 2, dist.new_group(backend="gloo"), dist.new_group(backend="gloo"))
+        features = _features(rank)
+        if rank == 1:  # only rank 1's batch is bad: table a has 11 rows
+            features = JaggedFeatures.from_dict({"a1": (torch.tensor([3, 11]), torch.tensor([2]))})
+        try:
+            tables(features)
+            outcome = "no error"
+        except UserInputError as err:
+            outcome = str(err)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(outcome))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_bad_id_on_one_rank_stops_every_rank_instead_of_hanging(tmp_path):
+    import json
+    import time
+
+    import torch.multiprocessing as mp
+
+    start = time.monotonic()
+    mp.spawn(_bad_id_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
+    assert time.monotonic() - start < 60
+    own = json.loads((tmp_path / "rank1.json").read_text())
+    peer = json.loads((tmp_path / "rank0.json").read_text())
+    assert own == "feature 'a1': id 11 is outside table 'a' rows [0, 11)"
+    assert peer.startswith("rank(s) 1 received invalid sparse features")

@@ -32,23 +32,16 @@ def test_reshard_between_world_sizes(tmp_path, saved_world, loaded_world, shardi
     for key in saved:
         assert torch.equal(saved[key], loaded[key]), key
     assert saved["item.state.exp_avg"].abs().sum() > 0  # optimizer state really travelled
+    _check_consolidation(tmp_path, saved)
 
 
-def test_consolidate_assembles_every_table_without_the_model(tmp_path):
-    """``python -m nestrec.checkpoint CKPT OUT``: a 4-rank checkpoint as one plain file, equal to
-    the tables the ranks held; a corrupted shard is one line and writes nothing."""
-    import subprocess
-    import sys
+def _check_consolidation(tmp_path, saved):
+    """``python -m nestrec.checkpoint CKPT OUT``: the multi-rank checkpoint as one plain file,
+    equal to the tables the ranks held; a corrupted shard is one line and writes nothing."""
+    from nestrec.checkpoint.__main__ import main as consolidate_main
 
-    _spawn(tmp_path, 4, "range", "save", "save")
-    saved = torch.load(tmp_path / "full-saved.pt")
     out = tmp_path / "plain.pt"
-    proc = subprocess.run(
-        [sys.executable, "-m", "nestrec.checkpoint", str(tmp_path / "ckpt"), str(out)],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr
+    assert consolidate_main([str(tmp_path / "ckpt"), str(out)]) == 0
     plain = torch.load(out, weights_only=False)
     assert plain["note"] == "meta"  # Lightning's dict is kept
     [tables] = plain["sharded_tables"]
@@ -58,13 +51,9 @@ def test_consolidate_assembles_every_table_without_the_model(tmp_path):
             continue
         name, what = key.split(".", 1)
         assert torch.equal(tables[name][what], value), key
-    shard = next((tmp_path / "ckpt").glob("shard-00002-*.pt"))
+    shard = sorted((tmp_path / "ckpt").glob("shard-*.pt"))[-1]
     shard.write_bytes(shard.read_bytes()[:-8] + b"xxxxxxxx")
-    bad = subprocess.run(
-        [sys.executable, "-m", "nestrec.checkpoint", str(tmp_path / "ckpt"), str(tmp_path / "bad.pt")],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert bad.returncode == 2 and "corrupted" in bad.stderr and bad.stderr.count("\n") == 1
+    assert consolidate_main([str(tmp_path / "ckpt"), str(tmp_path / "bad.pt")]) == 2
     assert not (tmp_path / "bad.pt").exists()
 
 

@@ -178,7 +178,7 @@ def _check_ids(space: KeySpace, features: JaggedFeatures, per_feature: torch.Ten
     """Each id's table index; one host check for the whole batch, a named error on a bad id."""
     unknown = [k for k in features.keys if k not in space.feature_index]
     if unknown:
-        raise ConfigError(
+        raise UserInputError(
             f"feature {unknown[0]!r} has no embedding table (known: {', '.join(space.feature_index)})"
         )
     feature_tables = torch.tensor([space.feature_index[k] for k in features.keys], dtype=torch.long)
@@ -204,6 +204,12 @@ class _RequesterSide:
     table: torch.Tensor  # table of each unique key
     owner: torch.Tensor  # owner rank of each unique key
     slot: torch.Tensor  # its slot in the owner's concatenated local shards
+    error: str | None = None  # bad input: this side asks for nothing and the route fails everywhere
+
+
+def _failed_side(error: str) -> _RequesterSide:
+    empty = torch.zeros(0, dtype=torch.long)
+    return _RequesterSide([], empty, empty, empty, error)
 
 
 def _requester_side(collection: ShardedEmbeddingCollection, features: JaggedFeatures) -> _RequesterSide:
@@ -213,7 +219,10 @@ def _requester_side(collection: ShardedEmbeddingCollection, features: JaggedFeat
     num_features = len(features.keys)
     per_key = features.lengths.view(num_features, -1) if num_features else features.lengths.view(0, 0)
     per_feature = per_key.sum(1)
-    table = _check_ids(space, features, per_feature)
+    try:
+        table = _check_ids(space, features, per_feature)
+    except UserInputError as err:
+        return _failed_side(str(err))
     unique, inverse = torch.unique(features.values + space.offsets[table], sorted=True, return_inverse=True)
     unique_table = space.table_of(unique)
     owner, slot = space.owner_slot(unique, unique_table)
@@ -271,7 +280,20 @@ def route_keys(
     send = slots[torch.argsort(bucket, stable=True)]
     counts = torch.bincount(bucket, minlength=world * num_micro * num_tables)
     kdev = collection.key_device  # host for gloo; the split sizes are host values either way
-    recv = exchange_counts(counts.to(kdev), group).cpu()
+    # One extra count per destination carries "my input is bad": a rank that raised alone would
+    # leave its peers waiting in the next collective forever, so every rank learns and raises here.
+    errors = [side.error for side in sides if side.error]
+    flagged = torch.cat([counts.view(world, -1), torch.full((world, 1), int(bool(errors)))], 1)
+    received = exchange_counts(flagged.reshape(-1).to(kdev), group).cpu().view(world, -1)
+    if errors or bool(received[:, -1].any()):
+        if errors:
+            raise UserInputError(errors[0])
+        bad = received[:, -1].nonzero().flatten().tolist()
+        raise UserInputError(
+            f"rank(s) {', '.join(map(str, bad))} received invalid sparse features (their error names the "
+            "feature and id); stopping this rank too, so no rank waits for the others"
+        )
+    recv = received[:, :-1].reshape(-1)
     counts_l = counts.view(world, num_micro, num_tables).tolist()
     recv_l = recv.view(world, num_micro, num_tables).tolist()
     requested = all_to_all_uneven(

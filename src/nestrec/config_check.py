@@ -168,30 +168,27 @@ def check_target_config(path: str, node: DictConfig, target: Any) -> None:
             raise ConfigError(f"{path}.{key}={plain!r} is not allowed: expected {_describe(params[key])}")
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Check every targeted group and the ``run`` block of a composed run config (see module doc)."""
+def _check_targeted(path: str, node: Any) -> None:
+    """Check ``node`` against the object its ``_target_`` names (nodes without one are skipped)."""
     from hydra.utils import get_object
 
+    if not isinstance(node, DictConfig) or not node.get("_target_"):
+        return
+    try:
+        target = get_object(node["_target_"])
+    except Exception as err:
+        raise ConfigError(f"{path}._target_={node['_target_']!r} cannot be imported: {err}") from None
+    check_target_config(path, node, target)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Check every targeted group, each callback and the ``run`` block of a composed run config."""
     for group in _CHECKED_GROUPS:
-        node = cfg.get(group)
-        if not isinstance(node, DictConfig) or not node.get("_target_"):
-            continue
-        try:
-            target = get_object(node["_target_"])
-        except Exception as err:
-            raise ConfigError(f"{group}._target_={node['_target_']!r} cannot be imported: {err}") from None
-        check_target_config(group, node, target)
+        _check_targeted(group, cfg.get(group))
     callbacks = cfg.get("callbacks")
     if isinstance(callbacks, DictConfig):
         for name, node in callbacks.items():
-            if isinstance(node, DictConfig) and node.get("_target_"):
-                try:
-                    target = get_object(node["_target_"])
-                except Exception as err:
-                    raise ConfigError(
-                        f"callbacks.{name}._target_={node['_target_']!r} cannot be imported: {err}"
-                    ) from None
-                check_target_config(f"callbacks.{name}", node, target)
+            _check_targeted(f"callbacks.{name}", node)
     run = cfg.get("run")
     if isinstance(run, DictConfig):
         check_target_config("run", run, RunOptions)

@@ -233,6 +233,7 @@ class StageRunner:
 
         trainer, best, logger = self._trainer(directory, name, spec.get("trainer"), monitor, mode)
         trainer.fit(module, datamodule=datamodule)
+        best_path = (best.best_model_path if best is not None else None) or None
         metrics = {
             k: scalar(v)
             for k, v in trainer.callback_metrics.items()
@@ -242,18 +243,16 @@ class StageRunner:
             for result in trainer.test(
                 module,
                 datamodule=datamodule,
-                ckpt_path=(best.best_model_path if best is not None else None) or None,
+                ckpt_path=best_path,
                 verbose=False,
             ):
                 metrics.update({k: scalar(v) for k, v in result.items()})
         self.loggers[name] = logger
         if self._is_rank_zero():
-            log_artifact(
-                logger, f"{self.recipe}-{name}-checkpoint", "model", [best.best_model_path if best else None]
-            )
+            log_artifact(logger, f"{self.recipe}-{name}-checkpoint", "model", [best_path])
         out = {
             "metrics": metrics,
-            "checkpoint": (best.best_model_path if best is not None else None) or None,
+            "checkpoint": best_path,
             "global_step": trainer.global_step,
         }
         if name != "align":

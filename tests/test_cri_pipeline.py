@@ -84,7 +84,9 @@ def test_as_of_join_never_uses_a_future_instruction(datamodule, tmp_path):
     job, cache = _job(dm, RuleBasedReasoner(), tmp_path / "cri.sqlite")
     stats = job.run(plan_windows(dm.split, max_users=12, window_seconds=WINDOW, train_windows=3))
     assert stats.generated == stats.planned > 0 and stats.fallbacks == 0
-    fresh = OxygenDataModule(dataset="fixture", text_encoder="hashed", samples_per_user=6, sid_codebook=8)
+    # one-target rows: the CRI windows cover each user's last targets (dense rows join as of their first)
+    fresh = OxygenDataModule(dataset="fixture", text_encoder="hashed", samples_per_user=6, sid_codebook=8,
+                             teacher_forcing="single")  # fmt: skip
     fresh.setup()
     coverage = fresh.attach_instructions(str(tmp_path / "cri.sqlite"))
     assert coverage["test"] > 0 and coverage["train"] > 0

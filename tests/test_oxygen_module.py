@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -116,7 +117,7 @@ def test_behaviour_weights_follow_ratings_and_weight_the_loss(tmp_path):
                           scenarios=["homepage"], cache_dir=str(tmp_path / "cache"))  # fmt: skip
     dm.prepare_data()
     dm.setup()
-    tensors = dm._tensors["train"]
+    tensors = dm._tensors["train_pairs"]
     ratings = dm._user_ratings()
     seqs = dict(zip(dm.split.train_users.tolist(), dm.split.train_sequences))
     checked = 0
@@ -128,6 +129,15 @@ def test_behaviour_weights_follow_ratings_and_weight_the_loss(tmp_path):
         assert weight == (3.0 if r[positions[-1]] == 5 else 1.0) or len(positions) > 1
         checked += 1
     assert checked > 100 and 3.0 in tensors["weight"].tolist() and 1.0 in tensors["weight"].tolist()
+    dense = dm._tensors["train"]  # dense rows weight every target the same way
+    for r in range(0, len(dense["user"]), 7):
+        items, r_of = ratings[int(dense["user"][r])]
+        valid = dense["targets"][r] > 0
+        if not np.array_equal(items[: len(seqs[int(dense["user"][r])])], seqs[int(dense["user"][r])]):
+            continue
+        position = {int(i): k for k, i in enumerate(items)}
+        for target, weight in zip(dense["targets"][r][valid].tolist(), dense["weight"][r][valid].tolist()):
+            assert weight == (3.0 if r_of[position[target]] == 5 else 1.0) or list(items).count(target) > 1
     registry = _registry()
     module = _module(registry)
     batch = _batch(6, registry.num_items)

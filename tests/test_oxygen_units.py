@@ -19,10 +19,53 @@ def _vectors(n: int = 300, d: int = 16, seed: int = 0) -> torch.Tensor:
 
 
 def test_rq_kmeans_error_decreases_per_level():
-    codes, books, errors = rq_kmeans(_vectors(), levels=3, codebook_size=8)
+    codes, books, errors, _ = rq_kmeans(_vectors(), levels=3, codebook_size=8)
     assert codes.shape == (300, 3) and len(books) == 3
     assert errors[0] > errors[1] > errors[2]
     assert int(codes.max()) < 8 and int(codes.min()) >= 0
+
+
+def test_balanced_rq_kmeans_caps_every_code_and_the_collision_token_is_shared():
+    vectors = _vectors(n=300)  # 12 tight blobs of ~25: plain k-means with 8 codes is lopsided
+    plain, *_ = rq_kmeans(vectors, levels=2, codebook_size=8)
+    balanced, *_ = rq_kmeans(vectors, levels=2, codebook_size=8, balanced=True)
+    for level in range(2):
+        assert int(torch.bincount(balanced[:, level], minlength=8).max()) <= 300 // 8 + 1  # ceil(300 / 8)
+    assert int(torch.bincount(plain[:, 0], minlength=8).max()) > 300 // 8 + 1  # the cap does bind
+    registry, diagnostics = SIDRegistry.build(
+        vectors, levels=2, codebook_size=4, policy="disambiguate", balanced=True, collision_token="residual"
+    )
+    codes = registry.codes[1:]
+    assert len({tuple(c) for c in codes.tolist()}) == 300  # every item has its own SID
+    assert int(codes[:, -1].max()) + 1 == diagnostics["max_collision_group"]  # one shared codebook
+    # The shared token means the same residual direction in every group: items carrying token t
+    # are, on average, closer to each other's residual than items carrying different tokens.
+    _, _, _, residual = rq_kmeans(vectors, levels=2, codebook_size=4, balanced=True)
+    token = codes[:, -1]
+    same = (token.unsqueeze(0) == token.unsqueeze(1)) & ~torch.eye(300, dtype=torch.bool)
+    distance = torch.cdist(residual, residual)
+    assert distance[same].mean() < distance[~same & ~torch.eye(300, dtype=torch.bool)].mean()
+    with pytest.raises(ConfigError, match="unknown collision_token 'rank'"):
+        SIDRegistry.build(vectors, policy="disambiguate", collision_token="rank")
+
+
+def test_cooccurrence_vectors_put_items_watched_together_together():
+    import numpy as np
+
+    from nestrec.oxygen.item_vectors import cooccurrence_vectors, sid_vectors
+
+    rng = np.random.default_rng(0)
+    # Two audiences: items 1..10 are watched with each other, items 11..20 with each other.
+    sequences = [rng.permutation(np.arange(1, 11) + 10 * (u % 2))[:8] for u in range(200)]
+    vectors = torch.nn.functional.normalize(cooccurrence_vectors(sequences, 20, dim=4), dim=1)
+    similarity = vectors @ vectors.t()
+    within = torch.cat([similarity[:10, :10].flatten(), similarity[10:, 10:].flatten()]).mean()
+    assert within > similarity[:10, 10:].mean() + 0.5
+    text = torch.randn(20, 6)
+    assert sid_vectors("fused", text, sequences).shape == (20, 6 + 64)
+    assert sid_vectors("text", text, sequences) is text
+    with pytest.raises(ConfigError, match="unknown sid_source 'audio'"):
+        sid_vectors("audio", text, sequences)
 
 
 @pytest.mark.parametrize("policy", ["keep", "disambiguate"])

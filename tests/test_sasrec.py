@@ -78,7 +78,7 @@ def test_exclude_history_masks_seen_items(tmp_path):
 
 
 def test_lr_factor_warms_up_then_decays_to_zero():
-    from nestrec.baselines.sasrec import lr_factor
+    from nestrec.schedules import lr_factor
 
     cosine = lr_factor("cosine", warmup_steps=4, total_steps=14)
     assert [cosine(t) for t in range(4)] == [0.25, 0.5, 0.75, 1.0]
@@ -115,7 +115,7 @@ def test_schedule_config_errors_name_the_problem():
 
     with pytest.raises(ConfigError, match="lr_schedule 'linear'"):
         SASRecModule(num_items=10, max_len=5, dim=8, lr_schedule="linear")
-    from nestrec.baselines.sasrec import lr_factor
+    from nestrec.schedules import lr_factor
 
     with pytest.raises(ConfigError, match="finite trainer.max_epochs"):
         lr_factor("cosine", 0, float("inf"))

@@ -61,8 +61,17 @@ MODEL_KEYS = (
     "instruction_position",
     "moe_experts",
     "moe_active",
+    "encoder_window",
+    "user_trigger_items",
+    "attention_dropout",
 )
 DEFAULT_K = 10
+
+
+def history_length(config: dict) -> int:
+    """How many newest items the model reads: its causal window (or recent items) + IGR's pool."""
+    context = int(config.get("window_len") or 0) or int(config.get("recent_len", 20))
+    return context + int(config.get("long_len", 100))
 
 
 class ExportError(UserInputError):
@@ -201,7 +210,7 @@ def _user_histories(dm, length: int) -> np.ndarray:
 def _user_seen(dm) -> tuple[np.ndarray, np.ndarray]:
     """Every item each user interacted with, as CSR (offsets ``[users + 1]``, sorted unique items).
 
-    The model reads only the newest ``long_len + recent_len`` items, but ``exclude_history`` must
+    The model reads only the newest :func:`history_length` items, but ``exclude_history`` must
     remove every item the user has seen, however old.
     """
     inter = dm.data.interactions
@@ -328,6 +337,8 @@ def export_artifact(settings: ExportSettings) -> Path:
 
     dim = text_dim(dm.hparams.text_encoder)
     config = {key: hp[key] for key in MODEL_KEYS if key in hp}
+    if "encoder_window" in config:  # the module's name for OxygenModel's window_len
+        config["window_len"] = config.pop("encoder_window")
     config.update(
         text_dim=dim,
         num_scenarios=len(SCENARIO_KINDS),
@@ -350,7 +361,7 @@ def export_artifact(settings: ExportSettings) -> Path:
         trie = registry.trie()
         save_file(fmt.trie_tensors(trie), str(staging / fmt.TRIE))
         (staging / fmt.CATALOGUE).write_text(json.dumps(_catalogue(dm)))
-        length = int(config.get("recent_len", 20)) + int(config.get("long_len", 100))
+        length = history_length(config)
         # Profiles as the data module indexed them for training (0 = unknown value).
         profile = dm.user_profiles.to(torch.int64)
         seen_offsets, seen_items = _user_seen(dm)

@@ -320,9 +320,7 @@ class StageRunner:
             raise RuntimeError(
                 f"pre-trained weights do not fit the policy: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
-        previous = dm.hparams.batch_size
-        dm.hparams.batch_size = spec.batch_size
-        try:
+        with dm.one_target_training(spec.batch_size):
             return self._fit_and_test(
                 directory,
                 "align",
@@ -333,8 +331,6 @@ class StageRunner:
                 self.cfg.run.monitor_mode,
                 test=True,
             )
-        finally:
-            dm.hparams.batch_size = previous
 
 
 def comparison_rows(results: dict[str, dict], scenarios: list[str]) -> list[list]:

@@ -28,6 +28,7 @@ from torch import nn
 from nestrec.errors import ConfigError
 from nestrec.evaluation import NextItemRecommender
 from nestrec.pipeline.lightning import PipelinedLightningModule
+from nestrec.schedules import with_schedule
 from nestrec.sharding.item_embedding import ShardedItemEmbedding
 
 __all__ = ["PipelinedSASRecModule", "SASRec", "SASRecModule", "sasrec_module"]
@@ -242,34 +243,7 @@ class SASRecModule(NextItemRecommender):
         optimizer = torch.optim.AdamW(
             self.parameters(), lr=self.hparams.lr, betas=(0.9, 0.98), weight_decay=self.hparams.weight_decay
         )
-        if self.hparams.lr_schedule == "constant" and not self.hparams.warmup_steps:
-            return optimizer
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else None
-        factor = lr_factor(self.hparams.lr_schedule, self.hparams.warmup_steps, total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def lr_factor(schedule: str, warmup_steps: int, total_steps: float | None):
-    """Multiplier of the base lr at optimizer step ``t``: linear warm-up, then constant or cosine to 0.
-
-    Why cosine: on a fixed epoch budget SASRec is still improving when training stops (it is far
-    from converged on a CPU budget); decaying the lr to zero over that budget ends at a better point
-    than stopping mid-plateau at full lr. ``total_steps`` is Lightning's estimate of the run's
-    optimizer steps (``max_epochs``/``max_steps`` aware); an open-ended run cannot use cosine.
-    """
-    if schedule == "cosine" and (total_steps is None or not math.isfinite(total_steps)):
-        raise ConfigError("lr_schedule=cosine needs a finite trainer.max_epochs or trainer.max_steps")
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1.0, total_steps - warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
+        return with_schedule(optimizer, self.hparams.lr_schedule, self.hparams.warmup_steps, self)
 
 
 class PipelinedSASRecModule(PipelinedLightningModule, SASRecModule):

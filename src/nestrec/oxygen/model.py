@@ -16,6 +16,22 @@ IGR: ``q = normalize(ψ_q([I_s ; I_r]))``, long-term items scored by ``α·cos(q
 retrieval space, since top-K is not differentiable). ``igr=recent|random|none`` are the baselines.
 
 Per-level heads predict ``s_l`` from the decoder state one position earlier.
+
+**Two encoder contexts.** ``window_len = 0`` (one target per sample): the encoder reads
+``[profile; recent_len recent items; IGR picks]`` bidirectionally and the decoder cross-attends to
+all of it. ``window_len > 0`` (dense teacher forcing): the encoder reads ``[profile; IGR picks;
+the last window_len items]`` with a causal mask over the window (the profile and IGR picks see only
+each other), so the state at window slot ``j`` has seen items ``<= j`` only; the decoder for the
+target after slot ``j`` cross-attends to ``[profile; IGR picks; states of slots j-recent_len+1..j]``. One encoder pass thus
+trains a target at every slot, as SASRec's causal loss does, and at serving time the last slot's
+state is the memory. IGR picks come from behaviour older than the whole window, steered by the
+homepage instruction built from that older behaviour, so no slot's memory carries a later item.
+
+**User-aware triggers.** A scenario without a trigger (homepage, search) used to get the learned
+default ``z_def`` for every user, which made the homepage IGR query one global vector and pulled
+every homepage Q2I target to one point. With ``user_trigger_items = k > 0`` such rows use the mean
+representation of the user's last ``k`` items instead (``z_def`` when there are none); ``0`` keeps
+the fixed default (the ablation).
 """
 
 from __future__ import annotations
@@ -28,6 +44,10 @@ from nestrec.errors import ConfigError, UserInputError
 from nestrec.oxygen.moe import MoEDecoderLayer
 
 __all__ = ["OxygenModel", "INSTRUCTION_MODES", "INSTRUCTION_POSITIONS", "IGR_MODES"]
+
+#: ``SCENARIO_KINDS.index("homepage")`` (a literal: serving loads this module without the data
+#: stack; tests/test_oxygen_dense.py checks the two agree)
+SCENARIO_HOMEPAGE = 0
 
 INSTRUCTION_MODES = ("none", "scenario", "scenario_reasoning")
 INSTRUCTION_POSITIONS = ("right_of_bos", "replace_bos", "add_to_bos")
@@ -65,6 +85,9 @@ class OxygenModel(nn.Module):
         item_id_embedding: nn.Module | None = None,
         moe_experts: int = 0,
         moe_active: int = 2,
+        window_len: int = 0,
+        user_trigger_items: int = 10,
+        attention_dropout: float = 0.0,
     ):
         super().__init__()
         for name, value, allowed in (
@@ -78,6 +101,7 @@ class OxygenModel(nn.Module):
         self.num_items = len(sid_codes) - 1
         self.vocab_sizes = list(vocab_sizes)
         self.recent_len, self.long_len = recent_len, long_len
+        self.window_len, self.user_trigger_items = window_len, user_trigger_items
         self.igr, self.igr_k, self.igr_alpha, self.igr_stop_grad = (
             igr,
             (0 if igr == "none" else igr_k),
@@ -95,7 +119,8 @@ class OxygenModel(nn.Module):
         self.item_levels = nn.ModuleList(nn.Embedding(v, d) for v in self.vocab_sizes)
         self.profile = nn.ModuleList(nn.Embedding(size + 1, d) for size in profile_sizes)
         self.profile_default = nn.Parameter(torch.zeros(d))
-        self.enc_pos = nn.Embedding(1 + recent_len + max(self.igr_k, 0), d)
+        context = window_len if window_len else recent_len
+        self.enc_pos = nn.Embedding(1 + context + max(self.igr_k, 0), d)
         self.segment = nn.Embedding(3, d)  # profile / recent / retrieved
         layer = nn.TransformerEncoderLayer(d, heads, ffn, dropout, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, encoder_layers, enable_nested_tensor=False)
@@ -120,6 +145,13 @@ class OxygenModel(nn.Module):
             dec_layer = nn.TransformerDecoderLayer(d, heads, ffn, dropout, batch_first=True, norm_first=True)
         self.decoder = nn.TransformerDecoder(dec_layer, decoder_layers)
         self.dec_norm = nn.LayerNorm(d)
+        # Dropout on attention weights (nn.Transformer*Layer's default: the same p as elsewhere) cost
+        # a fifth of a dense CPU step in Bernoulli draws and forces SDPA's slow math kernel; SASRec
+        # trains without it too. Residual / FFN dropout stays.
+        for block in (*self.encoder.layers, *self.decoder.layers):
+            for attention in (getattr(block, "self_attn", None), getattr(block, "multihead_attn", None)):
+                if attention is not None:
+                    attention.dropout = attention_dropout
         self.heads = nn.ModuleList(nn.Linear(d, v) for v in self.vocab_sizes)
 
     # -- pieces ---------------------------------------------------------------------------------------
@@ -131,11 +163,17 @@ class OxygenModel(nn.Module):
             x = x + table(codes[..., level])
         return x * (items > 0).unsqueeze(-1)
 
-    def instructions(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(I_s, I_r), each ``[B, d]``."""
+    def instructions(
+        self, batch: dict[str, torch.Tensor], user: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(I_s, I_r), each ``[N, d]``, for flat ``scenario`` / ``trigger_*`` / ``reasoning`` rows.
+
+        ``user`` (``[N, d]``, NaN-free; see :meth:`recent_mean`) replaces the default trigger on rows
+        without one; ``None`` keeps ``z_def``.
+        """
         b = len(batch["scenario"])
         trigger_item, trigger_genre = batch["trigger_item"], batch["trigger_genre"]
-        trigger = self.z_def.expand(b, -1).clone()
+        trigger = self.z_def.expand(b, -1) if user is None else user
         has_item, has_genre = trigger_item > 0, trigger_genre >= 0
         trigger = torch.where(has_item.unsqueeze(-1), self.item_repr(trigger_item), trigger)
         trigger = torch.where(has_genre.unsqueeze(-1), self.genre(trigger_genre.clamp(min=0)), trigger)
@@ -146,12 +184,34 @@ class OxygenModel(nn.Module):
             i_r = torch.where(has_text.unsqueeze(-1), self.reasoning_adapter(batch["reasoning"]), i_r)
         return i_s, i_r
 
+    def recent_mean(self, items: torch.Tensor, reprs: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The user-aware trigger at every slot: mean representation of the last
+        ``user_trigger_items`` non-padding items up to and including the slot, ``[B, L, d]``
+        (``z_def`` where there are none); ``None`` when user triggers are off.
+
+        Running sums make it one pass for all slots; slot ``j`` reads items ``<= j`` only.
+        """
+        k = self.user_trigger_items
+        if not k:
+            return None
+        reprs = self.item_repr(items) if reprs is None else reprs
+        present = (items > 0).to(reprs.dtype).unsqueeze(-1)
+        sums = torch.cumsum(reprs, 1)
+        counts = torch.cumsum(present, 1)
+        if items.shape[1] > k:
+            sums = sums - F.pad(sums[:, :-k], (0, 0, k, 0))
+            counts = counts - F.pad(counts[:, :-k], (0, 0, k, 0))
+        mean = sums / counts.clamp(min=1)
+        return torch.where(counts > 0, mean, self.z_def)
+
     def query(self, i_s: torch.Tensor, i_r: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.psi_q(torch.cat([i_s, i_r], -1)), dim=-1)
 
-    def item_vector(self, items: torch.Tensor) -> torch.Tensor:
-        """The shared item tower ψ_i (targets and history live in the same space as queries)."""
-        return F.normalize(self.psi_i(self.item_repr(items)), dim=-1)
+    def item_vector(self, items: torch.Tensor, detach_items: bool = False) -> torch.Tensor:
+        """The shared item tower ψ_i (targets and history live in the same space as queries);
+        ``detach_items`` keeps the caller's gradient out of the item representations."""
+        reprs = self.item_repr(items)
+        return F.normalize(self.psi_i(reprs.detach() if detach_items else reprs), dim=-1)
 
     def retrieve(self, long_items: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """IGR: the ``igr_k`` long-term items to keep, ``[B, K]`` (0 = nothing)."""
@@ -193,20 +253,37 @@ class OxygenModel(nn.Module):
             )
 
     def encode(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Encoder memory, instruction and query of each row (its one target: the next item)."""
+        if self.window_len:
+            states = self.encode_window(batch)
+            b = len(batch["history"])
+            user = self.recent_mean(states["window"])
+            i_s, i_r = self.instructions(batch, None if user is None else user[:, -1])
+            last = torch.full(
+                (b,), states["window"].shape[1] - 1, dtype=torch.long, device=states["pad"].device
+            )
+            memory, pad = self.slot_memory(states, torch.arange(b, device=last.device), last)
+            instr = self.fuse_instruction(torch.cat([i_s, i_r], -1))
+            return {
+                "memory": memory,
+                "pad": pad,
+                "instr": instr,
+                "q": self.query(i_s, i_r),
+                "i_s": i_s,
+                "i_r": i_r,
+                "retrieved": states["retrieved"],
+            }
         self.check_batch(batch)
         history = batch["history"]
         long_items, recent = history[:, : -self.recent_len], history[:, -self.recent_len :]
         long_items = long_items[:, -self.long_len :] if self.long_len else long_items[:, :0]
-        i_s, i_r = self.instructions(batch)
+        user = self.recent_mean(recent)
+        i_s, i_r = self.instructions(batch, None if user is None else user[:, -1])
         q = self.query(i_s, i_r)
         retrieved = self.retrieve(long_items, q)
         b = len(history)
-        if self.profile and "profile" in batch:
-            profile = sum(table(batch["profile"][:, i]) for i, table in enumerate(self.profile))
-        else:
-            profile = self.profile_default.expand(b, -1)
         items = torch.cat([recent, retrieved], 1)
-        x = torch.cat([profile.unsqueeze(1), self.item_repr(items)], 1)
+        x = torch.cat([self._profile(batch, b).unsqueeze(1), self.item_repr(items)], 1)
         segments = torch.cat(
             [
                 torch.zeros(b, 1, dtype=torch.long, device=x.device),
@@ -219,7 +296,86 @@ class OxygenModel(nn.Module):
         pad = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=x.device), items == 0], 1)
         memory = self.enc_norm(self.encoder(x, src_key_padding_mask=pad))
         instr = self.fuse_instruction(torch.cat([i_s, i_r], -1))
-        return {"memory": memory, "pad": pad, "instr": instr, "q": q, "retrieved": retrieved}
+        return {
+            "memory": memory,
+            "pad": pad,
+            "instr": instr,
+            "q": q,
+            "i_s": i_s,
+            "i_r": i_r,
+            "retrieved": retrieved,
+        }
+
+    def _profile(self, batch: dict[str, torch.Tensor], b: int) -> torch.Tensor:
+        if self.profile and "profile" in batch:
+            return sum(table(batch["profile"][:, i]) for i, table in enumerate(self.profile))
+        return self.profile_default.expand(b, -1)
+
+    def encode_window(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Causal encoder states of ``[profile; IGR picks; window]`` (``window_len > 0`` only).
+
+        Returns ``states [B, S, d]``, ``pad [B, S]``, ``prefix`` (the number of profile + IGR slots,
+        a Python int), ``window [B, L]`` and ``retrieved [B, K]``.
+        """
+        self.check_batch(batch)
+        history = batch["history"]
+        window = history[:, -self.window_len :]
+        pool = history[:, : -self.window_len] if history.shape[1] > self.window_len else history[:, :0]
+        pool = pool[:, -self.long_len :] if self.long_len else pool[:, :0]
+        b, device = len(history), history.device
+        # IGR: the homepage instruction of the behaviour *before* the window (leak-free for every slot)
+        if self.igr_k and pool.shape[1]:
+            home = torch.full((b,), SCENARIO_HOMEPAGE, dtype=torch.long, device=device)
+            none = torch.zeros(b, dtype=torch.long, device=device)
+            user = self.recent_mean(pool)
+            i_s, i_r = self.instructions(
+                {"scenario": home, "trigger_item": none, "trigger_genre": none - 1},
+                None if user is None else user[:, -1],
+            )
+            retrieved = self.retrieve(pool, self.query(i_s, i_r))
+        else:
+            retrieved = pool[:, :0]
+        items = torch.cat([retrieved, window], 1)
+        x = torch.cat([self._profile(batch, b).unsqueeze(1), self.item_repr(items)], 1)
+        prefix = 1 + retrieved.shape[1]
+        segments = torch.cat(
+            [
+                torch.zeros(b, 1, dtype=torch.long, device=device),
+                torch.full_like(retrieved, 2),
+                torch.ones_like(window),
+            ],
+            1,
+        )
+        x = x + self.segment(segments) + self.enc_pos(torch.arange(x.shape[1], device=device))
+        s = x.shape[1]
+        blocked = torch.ones(s, s, dtype=torch.bool, device=device).triu(1)  # window slots: causal
+        blocked[:prefix, prefix:] = True  # profile / IGR picks never read the window
+        pad = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=device), items == 0], 1)
+        states = self.enc_norm(self.encoder(x, mask=blocked, src_key_padding_mask=pad))
+        return {"states": states, "pad": pad, "prefix": prefix, "window": window, "retrieved": retrieved}
+
+    def slot_memory(
+        self, states: dict[str, torch.Tensor], rows: torch.Tensor, slots: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder memory ``[N, prefix + recent_len, d]`` for (row, window slot) pairs: the row's
+        profile and IGR states plus the causal states of the ``recent_len`` slots ending at the
+        slot (each has seen items up to itself only), and its padding mask.
+
+        The decoder thus reads individual recent items, as in the one-target encoder, but from
+        states that saw the whole window before them."""
+        prefix = states["prefix"]
+        back = torch.arange(self.recent_len - 1, -1, -1, device=slots.device)
+        recent = slots.unsqueeze(1) - back  # [N, R], oldest first
+        before_window = recent < 0
+        recent = recent.clamp(min=0)
+        h = states["states"][rows.unsqueeze(1), prefix + recent]
+        memory = torch.cat([states["states"][rows, :prefix], h], 1)
+        pad = torch.cat(
+            [states["pad"][rows, :prefix], states["pad"][rows.unsqueeze(1), prefix + recent] | before_window],
+            1,
+        )
+        pad[:, -1] = False  # the slot's own state always conditions the decoder (even an empty history)
+        return memory, pad
 
     # -- decoder --------------------------------------------------------------------------------------
     def decoder_prefix(self, instr: torch.Tensor) -> torch.Tensor:

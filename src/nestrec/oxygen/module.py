@@ -1,7 +1,10 @@
 """``OxygenPretrainModule``: unified multi-scenario pre-training of the generative recommender.
 
 Loss (design brief §12): teacher-forced cross-entropy over the SID levels (mean over levels and
-samples) plus ``λ · L_Q2I(q, ψ_i(target))``. Validation and test run trie-constrained beam
+targets) plus ``λ · L_Q2I(q, ψ_i(target))``. Rows are either one (history, next item) pair each or,
+by default on MovieLens, *dense*: a window of the user's sequence with a target after every slot,
+all trained from one causal encoder pass (``OxygenModel``'s ``window_len``), each slot under its
+own scenario instruction; ``train/targets`` logs how many targets a batch trained. Validation and test run trie-constrained beam
 search (beam width per scenario from config; a channel's genre restricts the trie to its items,
 as a business rule would) and rank the target by its position in the decoded list — a target the
 beams never reach counts as a miss at every K. Metrics come from the shared harness
@@ -14,7 +17,7 @@ and loading a checkpoint whose registry differs from the data's refuses with a c
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +29,7 @@ from nestrec.oxygen.decoding import constrained_beam_search, items_from_beams
 from nestrec.oxygen.losses import batch_variance, q2i_loss
 from nestrec.oxygen.model import OxygenModel
 from nestrec.oxygen.sid import SIDRegistry
+from nestrec.schedules import LRSchedule, with_schedule
 from nestrec.sharding.item_embedding import ShardedItemEmbedding
 
 __all__ = ["OxygenPretrainModule"]
@@ -61,6 +65,7 @@ class OxygenPretrainModule(NextItemRecommender):
         q2i_weight: float = 0.2,
         q2i_variance: float = 0.01,
         q2i_decorrelation: float = 0.01,
+        q2i_grad: Literal["towers", "shared"] = "towers",
         embedding: str = "dense",
         sparse_optimizer: str = "adam",
         sparse_lr: float = 2e-3,
@@ -70,6 +75,13 @@ class OxygenPretrainModule(NextItemRecommender):
         beam: dict[str, int] | None = None,
         ks: tuple[int, ...] = (1, 5, 10, 20),
         exclude_history: bool = False,
+        encoder_window: int = 0,
+        user_trigger_items: int = 10,
+        lr_schedule: LRSchedule = "constant",
+        warmup_steps: int = 0,
+        q2i_pairs: int = 1024,
+        attention_dropout: float = 0.0,
+        item_loss: float = 0.0,
     ):
         super().__init__(num_items, genre_item_mask, ks, exclude_history)
         self.save_hyperparameters(ignore=["genre_item_mask", "registry_state"])
@@ -120,45 +132,120 @@ class OxygenPretrainModule(NextItemRecommender):
             item_id_embedding=item_ids,
             moe_experts=moe_experts,
             moe_active=moe_active,
+            window_len=encoder_window,
+            user_trigger_items=user_trigger_items,
+            attention_dropout=attention_dropout,
         )
 
     # -- training ---------------------------------------------------------------------------------------
     def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """NTP (+ Q2I) of a batch: one target per row, or (dense rows, ``targets [B, L]``) a target
+        after every window slot, all from one encoder pass."""
+        if "targets" in batch:
+            return self._dense_losses(batch)
         encoded = self.model.encode(batch)
-        sid = self.model.sid_codes[batch["target"]]
+        return self._objective(
+            encoded, batch["target"], batch.get("weight"), (encoded["i_s"], encoded["i_r"])
+        )
+
+    def _dense_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        encoded, target, rows, slots = self.dense_pairs(batch)
+        weight = batch["weight"][rows, slots] if "weight" in batch else None
+        return self._objective(encoded, target, weight, (encoded["i_s"], encoded["i_r"]))
+
+    def dense_pairs(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decoder inputs for every (row, slot) with a target: ``(encoded, target [N], rows [N],
+        slots [N])``. Slot ``j``'s memory is the causal state at ``j`` (items ``<= j``)
+        plus the row's profile and IGR states; its instruction is its own scenario's."""
+        if not self.model.window_len:
+            raise ConfigError(
+                "dense training rows need the causal encoder: build the model from the data module "
+                "(encoder_window > 0), or use data.teacher_forcing=single"
+            )
+        states = self.model.encode_window(batch)
+        targets = batch["targets"]
+        rows, slots = (targets > 0).nonzero(as_tuple=True)
+        memory, pad = self.model.slot_memory(states, rows, slots)
+        user = self.model.recent_mean(states["window"])
+        flat = {
+            key: batch[key][rows, slots]
+            for key in ("scenario", "trigger_item", "trigger_genre", "reasoning")
+            if key in batch
+        }
+        i_s, i_r = self.model.instructions(flat, None if user is None else user[rows, slots])
+        instr = self.model.fuse_instruction(torch.cat([i_s, i_r], -1))
+        encoded = {
+            "memory": memory,
+            "pad": pad,
+            "instr": instr,
+            "i_s": i_s,
+            "i_r": i_r,
+            "slot_state": memory[:, -1],
+        }
+        return encoded, targets[rows, slots], rows, slots
+
+    def _objective(
+        self,
+        encoded: dict[str, torch.Tensor],
+        target: torch.Tensor,
+        weight: torch.Tensor | None,
+        instruction: tuple[torch.Tensor, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        sid = self.model.sid_codes[target]
         logits = self.model.sid_logits(encoded, sid)
         per_sample = torch.stack(
             [F.cross_entropy(lg, sid[:, level], reduction="none") for level, lg in enumerate(logits)]
         ).mean(0)
         # Behaviour-weighted next-token loss: sum_b w_b * CE_b / sum_b w_b (uniform without weights).
-        weight = batch.get("weight")
         ntp = (per_sample * weight).sum() / weight.sum() if weight is not None else per_sample.mean()
-        out = {"ntp": ntp, "loss": ntp}
+        out = {"ntp": ntp, "loss": ntp, "targets": torch.tensor(float(len(target)))}
+        if self.hparams.item_loss and "slot_state" in encoded:
+            # Auxiliary training signal (issue: allowed, never used for ranking): a full item-ID
+            # softmax on the encoder's slot state, tied to the input item representations, trains
+            # the encoder the way SASRec's causal loss does; the decoder then maps that state to SIDs.
+            catalogue = self.model.item_repr(torch.arange(1, self.num_items + 1, device=target.device))
+            item_ce = F.cross_entropy(encoded["slot_state"] @ catalogue.t(), target - 1)
+            out.update(item_ce=item_ce, loss=ntp + self.hparams.item_loss * item_ce)
         if self.hparams.q2i and self.hparams.instruction != "none":
-            t = self.model.item_vector(batch["target"])
+            # towers: Q2I trains only the retrieval towers ψ_q / ψ_i (measured: with its gradient
+            # in the shared item representations and instruction, the batch of target vectors
+            # collapses and drags the encoder's item space with it); shared: the paper's path.
+            towers = self.hparams.q2i_grad == "towers"
+            i_s, i_r = (x.detach() for x in instruction) if towers else instruction
+            q = self.model.query(i_s, i_r)
+            if len(target) > self.hparams.q2i_pairs:
+                # The variance / decorrelation terms are O(N^2) in the pairs: a random subset of a
+                # dense batch's targets keeps them cheap (every pair still trains the NTP loss).
+                keep = torch.randperm(len(target), device=target.device)[: self.hparams.q2i_pairs]
+                q, target = q[keep], target[keep]
+            t = self.model.item_vector(target, detach_items=towers)
             q2i, cosine = q2i_loss(
-                encoded["q"],
+                q,
                 t,
                 self.hparams.q2i_form,
                 self.hparams.q2i_variance,
                 self.hparams.q2i_decorrelation,
             )
-            out.update(q2i=q2i, q2i_cosine=cosine, loss=ntp + self.hparams.q2i_weight * q2i)
+            out.update(q2i=q2i, q2i_cosine=cosine, loss=out["loss"] + self.hparams.q2i_weight * q2i)
             # Collapse watch: ~1/dim when item vectors are spread, → 0 when they all coincide.
             out["q2i_target_variance"] = batch_variance(t.detach())
+            out["q2i_query_variance"] = batch_variance(q.detach())
         return out
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.losses(batch)
-        size = len(batch["target"])
+        size = len(batch["history"])
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=size)
         self.log_dict({f"train/{k}": v for k, v in out.items() if k != "loss"}, batch_size=size)
         return out["loss"]
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(
+        optimizer = torch.optim.AdamW(
             self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
         )
+        return with_schedule(optimizer, self.hparams.lr_schedule, self.hparams.warmup_steps, self)
 
     # -- generation -------------------------------------------------------------------------------------
     @torch.no_grad()

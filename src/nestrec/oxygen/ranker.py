@@ -135,7 +135,7 @@ class RankerData(pl.LightningDataModule):
         self.oxygen, self.negatives, self.batch_size, self.seed = oxygen, negatives, batch_size, seed
 
     def _rows(self, name: str, seed: int) -> dict[str, torch.Tensor]:
-        t = self.oxygen._tensors[name]
+        t = self.oxygen._tensors["train_pairs" if name == "train" else name]
         n = len(t["target"])
         g = torch.Generator().manual_seed(seed)
         negatives = torch.randint(1, self.oxygen.num_items + 1, (n, self.negatives), generator=g)

@@ -39,15 +39,22 @@ log = logging.getLogger(__name__)
 __all__ = ["PrefixTrie", "SIDRegistry", "kmeans", "rq_kmeans"]
 
 COLLISION_POLICIES = ("keep", "disambiguate")
+COLLISION_TOKENS = ("popularity", "residual")
 
 
 def kmeans(
-    x: torch.Tensor, k: int, iters: int = 25, generator: torch.Generator | None = None
+    x: torch.Tensor,
+    k: int,
+    iters: int = 25,
+    generator: torch.Generator | None = None,
+    balanced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means with k-means++ seeding. Returns (centroids [k, d], assignment [n]).
 
     Empty clusters are re-seeded with the point farthest from its centroid, so every code stays
-    usable (codebook utilisation is one of the diagnostics).
+    usable (codebook utilisation is one of the diagnostics). ``balanced``: every cluster holds at
+    most ``ceil(n / k)`` points (:func:`balanced_assignment`), so no code becomes a catch-all that
+    the decoder must then split with long collision tails.
     """
     n = x.shape[0]
     k = min(k, n)
@@ -60,10 +67,13 @@ def kmeans(
         centroids.append(x[pick])
         dist = torch.minimum(dist, torch.cdist(x, x[pick]).squeeze(1) ** 2)
     c = torch.cat(centroids)
-    assign = torch.zeros(n, dtype=torch.long)
-    for _ in range(iters):
+
+    def assign_to(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = torch.cdist(x, c)
-        assign = d.argmin(1)
+        return d, (balanced_assignment(d, -(-n // k)) if balanced else d.argmin(1))
+
+    for _ in range(iters):
+        d, assign = assign_to(c)
         counts = torch.bincount(assign, minlength=k)
         sums = torch.zeros_like(c).index_add_(0, assign, x)
         new = sums / counts.clamp(min=1).unsqueeze(1).to(x.dtype)
@@ -75,13 +85,43 @@ def kmeans(
             c = new
             break
         c = new
-    return c, torch.cdist(x, c).argmin(1)
+    return c, assign_to(c)[1]
+
+
+def balanced_assignment(distances: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Point → cluster with at most ``capacity`` points per cluster, greedily by distance: the
+    closest (point, cluster) pairs are taken first, skipping full clusters and placed points.
+
+    ``O(n·k·log(n·k))``: fine for catalogues of up to a few hundred thousand items per level.
+    """
+    n, k = distances.shape
+    if capacity * k < n:
+        raise ConfigError(f"{k} clusters of capacity {capacity} cannot hold {n} points")
+    order = distances.flatten().argsort().numpy()
+    points, clusters = np.divmod(order, k)
+    assign = np.full(n, -1, dtype=np.int64)
+    load = np.zeros(k, dtype=np.int64)
+    placed = 0
+    for point, cluster in zip(points.tolist(), clusters.tolist()):
+        if assign[point] < 0 and load[cluster] < capacity:
+            assign[point] = cluster
+            load[cluster] += 1
+            placed += 1
+            if placed == n:
+                break
+    return torch.from_numpy(assign)
 
 
 def rq_kmeans(
-    vectors: torch.Tensor, levels: int = 3, codebook_size: int = 32, iters: int = 25, seed: int = 0
-) -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
-    """Residual-quantise ``vectors`` → (codes [n, levels], codebooks, reconstruction MSE after each level)."""
+    vectors: torch.Tensor,
+    levels: int = 3,
+    codebook_size: int = 32,
+    iters: int = 25,
+    seed: int = 0,
+    balanced: bool = False,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[float], torch.Tensor]:
+    """Residual-quantise ``vectors`` → (codes [n, levels], codebooks, reconstruction MSE after each
+    level, the final residuals [n, d])."""
     if vectors.ndim != 2 or len(vectors) == 0:
         raise UserInputError(
             f"rq_kmeans needs a non-empty [items, dim] matrix, got shape {tuple(vectors.shape)}"
@@ -91,7 +131,7 @@ def rq_kmeans(
     codes, books, errors = [], [], []
     for level in range(levels):
         started = time.perf_counter()
-        centroids, assign = kmeans(residual, codebook_size, iters, generator)
+        centroids, assign = kmeans(residual, codebook_size, iters, generator, balanced)
         codes.append(assign)
         books.append(centroids.float())
         residual = residual - centroids[assign]
@@ -101,7 +141,7 @@ def rq_kmeans(
             level + 1, levels, len(vectors), len(torch.unique(assign)), codebook_size, errors[-1],
             time.perf_counter() - started,
         )  # fmt: skip
-    return torch.stack(codes, 1), books, errors
+    return torch.stack(codes, 1), books, errors, residual
 
 
 @dataclass
@@ -133,14 +173,30 @@ class SIDRegistry:
         popularity: torch.Tensor | None = None,
         iters: int = 25,
         seed: int = 0,
+        balanced: bool = False,
+        collision_token: str = "popularity",
     ) -> tuple[SIDRegistry, dict]:
-        """Tokenise ``item_vectors`` (row i = item i + 1). Returns the registry and its diagnostics."""
-        codes, _, errors = rq_kmeans(item_vectors, levels, codebook_size, iters, seed)
+        """Tokenise ``item_vectors`` (row i = item i + 1). Returns the registry and its diagnostics.
+
+        ``collision_token`` (``disambiguate`` only) is what the extra token says: ``popularity``,
+        the item's popularity rank inside its collision group; ``residual``, the nearest free code
+        of one shared codebook over the last level's residuals, so a token means the same
+        direction in every group (TIGER's index is arbitrary; this one can be learned).
+        """
+        if collision_token not in COLLISION_TOKENS:
+            raise ConfigError(
+                f"unknown collision_token {collision_token!r}; expected one of {', '.join(COLLISION_TOKENS)}"
+            )
+        codes, _, errors, residual = rq_kmeans(item_vectors, levels, codebook_size, iters, seed, balanced)
         full = torch.full((len(codes) + 1, levels), -1, dtype=torch.long)
         full[1:] = codes
         pop = popularity if popularity is not None else torch.zeros(len(full), dtype=torch.long)
         if policy == "disambiguate":
-            full = _add_disambiguation_level(full, pop)
+            full = (
+                _residual_collision_level(full, residual, seed)
+                if collision_token == "residual"
+                else _add_disambiguation_level(full, pop)
+            )
         registry = cls(full, codebook_size, levels, policy, pop)
         diagnostics = registry.diagnostics()
         diagnostics["reconstruction_mse"] = errors
@@ -261,6 +317,27 @@ def _add_disambiguation_level(codes: torch.Tensor, popularity: torch.Tensor) -> 
     for members in groups.values():
         for rank, item in enumerate(sorted(members, key=lambda i: (-int(popularity[i]), i))):
             out[item, -1] = rank
+    return out
+
+
+def _residual_collision_level(codes: torch.Tensor, residual: torch.Tensor, seed: int) -> torch.Tensor:
+    """The extra level from one codebook of ``m`` residual centroids (``m`` = the largest collision
+    group): inside each group, items take distinct codes, closest (item, code) pairs first."""
+    groups: dict[tuple, list[int]] = {}
+    for item in range(1, len(codes)):
+        groups.setdefault(tuple(codes[item].tolist()), []).append(item)
+    width = max(len(members) for members in groups.values())
+    out = torch.zeros(len(codes), codes.shape[1] + 1, dtype=torch.long)
+    out[:, :-1] = codes
+    out[0] = -1
+    if width == 1:
+        return out
+    centroids, _ = kmeans(residual.double(), width, generator=torch.Generator().manual_seed(seed))
+    distances = torch.cdist(residual.double(), centroids)  # row i = item i + 1
+    for members in groups.values():
+        if len(members) > 1:
+            rows = torch.tensor(members) - 1
+            out[members, -1] = balanced_assignment(distances[rows], 1)[: len(members)]
     return out
 
 

@@ -86,7 +86,7 @@ class Artifact:
     items: list[CatalogueItem]  # index i holds item i; index 0 is a padding placeholder
     genres: list[str]
     genre_item_mask: torch.Tensor  # [genres, items + 1] bool
-    histories: torch.Tensor  # [users, long_len + recent_len] int64, left-padded with 0
+    histories: torch.Tensor  # [users, history_length] int64, left-padded with 0 (export.history_length)
     profiles: torch.Tensor  # [users, fields] int64, 0 = unknown value
     user_ids: list[str]
     cri_path: Path | None

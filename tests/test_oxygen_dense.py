@@ -1,0 +1,154 @@
+"""Dense teacher forcing: every training target once per epoch, no slot ever reads a later item,
+the last slot is exactly what serving computes, and instructions without a trigger know the user."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nestrec.errors import ConfigError
+from nestrec.oxygen.data import OxygenDataModule
+from nestrec.oxygen.module import OxygenPretrainModule
+from nestrec.oxygen.sid import SIDRegistry
+
+WINDOW, POOL = 6, 4
+
+
+@pytest.fixture(scope="module")
+def dense_data(tmp_path_factory) -> OxygenDataModule:
+    # A short window, so most fixture users are cut into several rows.
+    dm = OxygenDataModule(dataset="fixture", text_encoder="hashed", sid_codebook=8, window_len=WINDOW,
+                          long_len=POOL, cache_dir=str(tmp_path_factory.mktemp("cache")))  # fmt: skip
+    dm.prepare_data()
+    dm.setup()
+    return dm
+
+
+def test_every_training_target_is_in_exactly_one_row_after_its_own_history(dense_data):
+    rows = dense_data._tensors["train"]
+    sequences = dict(zip(dense_data.split.train_users.tolist(), dense_data.split.train_sequences))
+    row_users = rows["user"].numpy()
+    multi_row_users = 0
+    for user, seq in sequences.items():
+        end = len(seq)  # rows cut a sequence from its end: each row's targets end where the next's begin
+        mine = np.flatnonzero(row_users == user)
+        multi_row_users += len(mine) > 1
+        for r in mine:
+            targets = rows["targets"][r].numpy()
+            valid = np.flatnonzero(targets)
+            assert (valid == np.arange(WINDOW - len(valid), WINDOW)).all()  # right-aligned, no holes
+            start = end - len(valid)
+            np.testing.assert_array_equal(targets[valid], seq[start:end])
+            # The history is the behaviour before the last target: the window's inputs + IGR's pool.
+            history = rows["history"][r].numpy()
+            np.testing.assert_array_equal(history[history > 0], seq[max(0, start - 1 - POOL) : end - 1])
+            window = history[-WINDOW:]
+            np.testing.assert_array_equal(window[valid], seq[start - 1 : end - 1])  # slot j, then target j
+            related = valid[rows["trigger_item"][r].numpy()[valid] > 0]
+            np.testing.assert_array_equal(rows["trigger_item"][r].numpy()[related], window[related])
+            end = start
+        assert end == 1, user  # every target of the sequence (positions 1..n-1) once, none twice
+    assert multi_row_users > 10
+    assert dense_data.describe()["train_targets"] == sum(len(s) - 1 for s in sequences.values())
+
+
+def _registry(items: int = 24) -> SIDRegistry:
+    vectors = torch.randn(items, 8, generator=torch.Generator().manual_seed(0))
+    return SIDRegistry.build(vectors, levels=2, codebook_size=4, policy="disambiguate")[0]
+
+
+def _module(registry: SIDRegistry, **kwargs) -> OxygenPretrainModule:
+    settings = dict(
+        num_items=registry.num_items, registry_state=registry.state(), text_dim=8, num_genres=2,
+        profile_sizes=[], long_len=POOL, encoder_window=WINDOW, d_model=32, ffn=64, dropout=0.0, igr_k=2,
+        beam={s: 5 for s in ("homepage", "channel", "related", "search")}, ks=(1, 5),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return OxygenPretrainModule(**{**settings, **kwargs}).eval()
+
+
+def _dense_batch(n: int, items: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    history = torch.randint(1, items + 1, (n, POOL + WINDOW), generator=g)
+    targets = torch.cat([history[:, POOL + 1 :], torch.randint(1, items + 1, (n, 1), generator=g)], 1)
+    scenario = torch.randint(0, 4, (n, WINDOW), generator=g)
+    return {
+        "history": history,
+        "targets": targets,
+        "scenario": scenario,
+        "trigger_item": torch.where(scenario == 2, history[:, POOL:], 0),
+        "trigger_genre": torch.where(scenario == 1, torch.randint(0, 2, (n, WINDOW), generator=g), -1),
+        "reasoning": torch.where((scenario == 3).unsqueeze(-1), torch.randn(n, WINDOW, 8, generator=g), 0.0),
+    }
+
+
+def _slot_logits(module: OxygenPretrainModule, batch) -> torch.Tensor:
+    encoded, target, rows, slots = module.dense_pairs(batch)
+    logits = module.model.sid_logits(encoded, module.model.sid_codes[target])
+    return torch.cat(logits, 1).view(len(batch["history"]), WINDOW, -1)
+
+
+@pytest.mark.parametrize("cut", [0, 2, 4])
+def test_no_slot_reads_a_later_item_or_a_later_slots_instruction(cut):
+    registry = _registry()
+    module = _module(registry)
+    batch = _dense_batch(5, registry.num_items)
+    before = _slot_logits(module, batch)
+    later = {k: v.clone() for k, v in batch.items()}
+    g = torch.Generator().manual_seed(7)
+    # Everything from slot cut+1 on: the items, their targets, scenarios, triggers, queries.
+    later["history"][:, POOL + cut + 1 :] = torch.randint(1, registry.num_items + 1, (5, WINDOW - cut - 1), generator=g)
+    later["targets"][:, cut + 1 :] = torch.randint(1, registry.num_items + 1, (5, WINDOW - cut - 1), generator=g)
+    later["scenario"][:, cut + 1 :] = (later["scenario"][:, cut + 1 :] + 1) % 4
+    later["reasoning"][:, cut + 1 :] = torch.randn(5, WINDOW - cut - 1, 8, generator=g)
+    after = _slot_logits(module, later)
+    torch.testing.assert_close(after[:, : cut + 1], before[:, : cut + 1], rtol=0, atol=1e-5)
+    assert not torch.allclose(after[:, cut + 1 :], before[:, cut + 1 :], atol=1e-3)
+    # Negative control: the item *at* slot cut is visible to slot cut.
+    control = {k: v.clone() for k, v in batch.items()}
+    control["history"][:, POOL + cut] = control["history"][:, POOL + cut] % registry.num_items + 1
+    assert not torch.allclose(_slot_logits(module, control)[:, cut], before[:, cut], atol=1e-3)
+
+
+def test_the_last_slot_is_what_serving_computes():
+    registry = _registry()
+    module = _module(registry)
+    batch = _dense_batch(5, registry.num_items, seed=3)
+    dense = _slot_logits(module, batch)[:, -1]
+    single = {k: v[:, -1] for k, v in batch.items() if k not in ("history", "targets")}
+    single.update(history=batch["history"], target=batch["targets"][:, -1])
+    encoded = module.model.encode(single)
+    one = torch.cat(module.model.sid_logits(encoded, module.model.sid_codes[single["target"]]), 1)
+    torch.testing.assert_close(one, dense, rtol=0, atol=1e-5)
+
+
+def test_homepage_instructions_depend_on_the_user_unless_switched_off():
+    from nestrec.data.scenarios import SCENARIO_KINDS
+    from nestrec.oxygen.model import SCENARIO_HOMEPAGE
+
+    assert SCENARIO_KINDS[SCENARIO_HOMEPAGE] == "homepage"
+    registry = _registry()
+    batch = _dense_batch(4, registry.num_items, seed=5)
+    single = {"history": batch["history"], "target": batch["targets"][:, -1],
+              "scenario": torch.zeros(4, dtype=torch.long), "trigger_item": torch.zeros(4, dtype=torch.long),
+              "trigger_genre": torch.full((4,), -1), "reasoning": torch.zeros(4, 8)}  # fmt: skip
+    aware = _module(registry).model.encode(single)
+    assert torch.cdist(aware["instr"], aware["instr"]).triu(1).max() > 1e-3
+    assert torch.cdist(aware["q"], aware["q"]).triu(1).max() > 1e-3
+    fixed = _module(registry, user_trigger_items=0).model.encode(single)
+    torch.testing.assert_close(fixed["instr"], fixed["instr"][:1].expand_as(fixed["instr"]))
+
+
+def test_one_target_rows_remain_a_switch_and_dense_rows_need_the_causal_encoder(tmp_path):
+    dm = OxygenDataModule(dataset="fixture", text_encoder="hashed", sid_codebook=8, teacher_forcing="single",
+                          samples_per_user=3, cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    dm.prepare_data()
+    dm.setup()
+    assert dm.model_kwargs()["encoder_window"] == 0 and "target" in dm._tensors["train"]
+    assert dm._tensors["train"] is dm._tensors["train_pairs"]
+    module = _module(_registry(), encoder_window=0, recent_len=4)
+    with pytest.raises(ConfigError, match="dense training rows need the causal encoder"):
+        module.losses(_dense_batch(2, 24))
+    with pytest.raises(ConfigError, match="unknown teacher_forcing 'sparse'"):
+        OxygenDataModule(dataset="fixture", teacher_forcing="sparse")

@@ -98,8 +98,12 @@ def test_no_slot_reads_a_later_item_or_a_later_slots_instruction(cut):
     later = {k: v.clone() for k, v in batch.items()}
     g = torch.Generator().manual_seed(7)
     # Everything from slot cut+1 on: the items, their targets, scenarios, triggers, queries.
-    later["history"][:, POOL + cut + 1 :] = torch.randint(1, registry.num_items + 1, (5, WINDOW - cut - 1), generator=g)
-    later["targets"][:, cut + 1 :] = torch.randint(1, registry.num_items + 1, (5, WINDOW - cut - 1), generator=g)
+    later["history"][:, POOL + cut + 1 :] = torch.randint(
+        1, registry.num_items + 1, (5, WINDOW - cut - 1), generator=g
+    )
+    later["targets"][:, cut + 1 :] = torch.randint(
+        1, registry.num_items + 1, (5, WINDOW - cut - 1), generator=g
+    )
     later["scenario"][:, cut + 1 :] = (later["scenario"][:, cut + 1 :] + 1) % 4
     later["reasoning"][:, cut + 1 :] = torch.randn(5, WINDOW - cut - 1, 8, generator=g)
     after = _slot_logits(module, later)

@@ -257,7 +257,7 @@ class OxygenModel(nn.Module):
         if self.window_len:
             states = self.encode_window(batch)
             b = len(batch["history"])
-            user = self.recent_mean(states["window"])
+            user = self.recent_mean(states["window"], states["window_reprs"])
             i_s, i_r = self.instructions(batch, None if user is None else user[:, -1])
             last = torch.full(
                 (b,), states["window"].shape[1] - 1, dtype=torch.long, device=states["pad"].device
@@ -315,7 +315,8 @@ class OxygenModel(nn.Module):
         """Causal encoder states of ``[profile; IGR picks; window]`` (``window_len > 0`` only).
 
         Returns ``states [B, S, d]``, ``pad [B, S]``, ``prefix`` (the number of profile + IGR slots,
-        a Python int), ``window [B, L]`` and ``retrieved [B, K]``.
+        a Python int), ``window [B, L]``, its item representations ``window_reprs [B, L, d]`` and
+        ``retrieved [B, K]``.
         """
         self.check_batch(batch)
         history = batch["history"]
@@ -336,7 +337,8 @@ class OxygenModel(nn.Module):
         else:
             retrieved = pool[:, :0]
         items = torch.cat([retrieved, window], 1)
-        x = torch.cat([self._profile(batch, b).unsqueeze(1), self.item_repr(items)], 1)
+        reprs = self.item_repr(items)
+        x = torch.cat([self._profile(batch, b).unsqueeze(1), reprs], 1)
         prefix = 1 + retrieved.shape[1]
         segments = torch.cat(
             [
@@ -352,7 +354,14 @@ class OxygenModel(nn.Module):
         blocked[:prefix, prefix:] = True  # profile / IGR picks never read the window
         pad = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=device), items == 0], 1)
         states = self.enc_norm(self.encoder(x, mask=blocked, src_key_padding_mask=pad))
-        return {"states": states, "pad": pad, "prefix": prefix, "window": window, "retrieved": retrieved}
+        return {
+            "states": states,
+            "pad": pad,
+            "prefix": prefix,
+            "window": window,
+            "window_reprs": reprs[:, retrieved.shape[1] :],  # reused by the user-aware trigger
+            "retrieved": retrieved,
+        }
 
     def slot_memory(
         self, states: dict[str, torch.Tensor], rows: torch.Tensor, slots: torch.Tensor

@@ -168,7 +168,7 @@ class OxygenPretrainModule(NextItemRecommender):
         targets = batch["targets"]
         rows, slots = (targets > 0).nonzero(as_tuple=True)
         memory, pad = self.model.slot_memory(states, rows, slots)
-        user = self.model.recent_mean(states["window"])
+        user = self.model.recent_mean(states["window"], states["window_reprs"])
         flat = {
             key: batch[key][rows, slots]
             for key in ("scenario", "trigger_item", "trigger_genre", "reasoning")

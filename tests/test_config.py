@@ -3,13 +3,15 @@ and bad command lines fail with a short message instead of a stack trace."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from hydra import compose, initialize_config_module
 from hydra.utils import get_object
 from omegaconf import OmegaConf
 
 from conftest import run_nestrec
-from nestrec.run import available_recipes
+from nestrec.run import available_recipes, check_overrides, main
 
 GROUPS = ("data", "model", "strategy", "trainer", "logger", "scenario", "reward", "debug")
 
@@ -51,24 +53,32 @@ def test_missing_recipe_lists_recipes_and_exits_2(tmp_path):
     result = run_nestrec([], tmp_path)
     assert result.returncode == 2
     assert "no recipe given" in result.stderr and "sasrec_ml1m" in result.stderr
-    result = run_nestrec(["recipe=nope"], tmp_path)
-    assert result.returncode == 2
-    assert "unknown recipe nope" in result.stderr and "sasrec_ml100k" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_unknown_key_fails_in_one_line_before_the_run(tmp_path):
-    result = run_nestrec(["recipe=sasrec_ml1m", "trainer.max_epoch=3"], tmp_path)
-    assert result.returncode == 2
-    assert (
-        result.stderr.strip()
-        == "error: trainer.max_epoch is not a key of the config; did you mean trainer.max_epochs?"
-    )
-    result = run_nestrec(["recipe=sasrec_ml1m", "model=nosuchmodel"], tmp_path)
-    assert (
-        result.returncode == 2 and "model=nosuchmodel is not an option of the 'model' group" in result.stderr
-    )
-    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("summary.json"))
+def test_unknown_recipe_key_or_choice_fails_in_one_line_before_the_run(capsys, monkeypatch):
+    """In-process: the command line's exit code and stderr are covered above and by
+    test_config_check's CLI test; here each mistake is refused before any run starts."""
+    monkeypatch.setattr(sys, "argv", ["nestrec.run", "recipe=nope"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "unknown recipe nope" in err and "sasrec_ml100k" in err
+    for argv, expected in (
+        (
+            ["trainer.max_epoch=3"],
+            "error: trainer.max_epoch is not a key of the config; did you mean trainer.max_epochs?",
+        ),
+        (["model=nosuchmodel"], "model=nosuchmodel is not an option of the 'model' group"),
+        (
+            ["data.split=random"],
+            "error: data.split='random' is not allowed: expected one of leave_one_out, temporal",
+        ),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            check_overrides(["recipe=sasrec_ml1m", *argv])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and expected in err and "\n" not in err, err
 
 
 def test_bad_data_input_is_one_line_error(tmp_path):
@@ -77,10 +87,4 @@ def test_bad_data_input_is_one_line_error(tmp_path):
     assert "Traceback" not in result.stderr
     [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert "missing" in line and "does not exist" in line
-    result = run_nestrec(["recipe=sasrec_ml1m", "data.split=random", "data=fixture", "logger=none"], tmp_path,
-                         env_extra={"NESTREC_DATA_DIR": str(tmp_path / "data")})  # fmt: skip
-    assert (
-        result.returncode == 2
-        and "error: data.split='random' is not allowed: expected one of leave_one_out, temporal"
-        in result.stderr
-    )
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("summary.json"))

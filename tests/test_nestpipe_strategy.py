@@ -122,20 +122,28 @@ def test_one_and_two_processes_give_the_same_loss_curve(tmp_path):
 
 
 def test_resume_is_bit_identical_and_reshards(tmp_path):
-    straight, first, resumed, wider = (tmp_path / n for n in ("straight", "first", "resumed", "wider"))
-    for d in (straight, first, resumed, wider):
+    straight, resumed, wider = (tmp_path / n for n in ("straight", "resumed", "wider"))
+    for d in (straight, resumed, wider):
         d.mkdir()
     common = [*DLRM, "logger=none", "trainer.devices=2", "data.batch_size=48", "run.test=false"]
-    _ok(run_nestrec([*common, "trainer.max_epochs=2"], straight, env_extra=_env(tmp_path)))
-    _ok(run_nestrec([*common, "trainer.max_epochs=1"], first, env_extra=_env(tmp_path)))
-    last = Path(_summary(first / "outputs")["output_dir"]) / "checkpoints" / "last.ckpt"
+    # The uninterrupted run also keeps its end-of-epoch-1 state: the resume starts from exactly the
+    # checkpoint a 1-epoch job would have left (one subprocess run fewer than running that job).
+    every_epoch = [
+        "~callbacks.last_checkpoint",  # one monitor-less ModelCheckpoint per Trainer
+        "+callbacks.every_epoch._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+        "+callbacks.every_epoch.filename='epoch{epoch}'",
+        "+callbacks.every_epoch.auto_insert_metric_name=false",
+        "+callbacks.every_epoch.save_top_k=-1",
+    ]
+    _ok(run_nestrec([*common, *every_epoch, "trainer.max_epochs=2"], straight, env_extra=_env(tmp_path)))
+    last = Path(_summary(straight / "outputs")["output_dir"]) / "checkpoints" / "epoch0.ckpt"
     _ok(
         run_nestrec(
             [*common, "trainer.max_epochs=2", f"run.ckpt_path={last}"], resumed, env_extra=_env(tmp_path)
         )
     )
 
-    a = Path(_summary(straight / "outputs")["output_dir"]) / "checkpoints" / "last.ckpt"
+    a = Path(_summary(straight / "outputs")["output_dir"]) / "checkpoints" / "epoch1.ckpt"
     b = Path(_summary(resumed / "outputs")["output_dir"]) / "checkpoints" / "last.ckpt"
     meta_a, meta_b = (
         torch.load(a / "meta.pt", weights_only=False),

@@ -91,14 +91,6 @@ def test_ddp_two_processes_and_ddp_sweep(tmp_path):
     directory must be pinned for all ranks or a second tree appears.
     """
     ddp = ["strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "logger=none"]
-    _ok(run_nestrec(["recipe=sasrec_ml1m", *FIXTURE, *ddp], tmp_path, env_extra=_env(tmp_path)))
-    [summary] = _summaries(tmp_path / "outputs")
-    assert summary["world_size"] == 2
-    # Exact metrics under a padding DistributedSampler: each test row counted once.
-    assert summary["metrics"]["test/overall/count"] == summary["data"]["test_rows"]
-    run_dir = Path(summary["output_dir"])
-    assert (run_dir / "train_ddp_process_1.log").exists()
-
     sweep_root = tmp_path / "sweep-cwd"
     sweep_root.mkdir()
     _ok(
@@ -112,6 +104,10 @@ def test_ddp_two_processes_and_ddp_sweep(tmp_path):
     assert len(trees) == 1, f"one sweep tree expected, found {trees}"
     summaries = _summaries(trees[0])
     assert len(summaries) == 2 and all(s["world_size"] == 2 for s in summaries)
+    for summary in summaries:
+        # Exact metrics under a padding DistributedSampler: each test row counted once.
+        assert summary["metrics"]["test/overall/count"] == summary["data"]["test_rows"]
+        assert (Path(summary["output_dir"]) / "train_ddp_process_1.log").exists()
 
 
 def test_real_movielens_smoke(tmp_path):

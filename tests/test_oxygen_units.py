@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nestrec.errors import ConfigError, UserInputError
 from nestrec.oxygen.decoding import constrained_beam_search, items_from_beams
@@ -263,3 +266,25 @@ def test_moe_decoder_routes_to_k_experts_and_balances():
     assert any(isinstance(m, MoEFeedForward) for m in model.modules())
     with pytest.raises(ConfigError, match="MoE needs 1 <= active"):
         MoEFeedForward(8, 16, experts=2, active=3)
+
+
+def test_scaled_embedding_init_starts_the_item_softmax_near_uniform():
+    """The tied item softmax over item representations (ID + SID levels) must start within a
+    few nats of the uniform loss, as SASRec's does; PyTorch's N(0, 1) tables start it tens of nats above (logits
+    of std ~ sqrt(levels) * sqrt(d)), which measurably slowed pre-training (docs/oxygenrec.md)."""
+    codes = torch.tensor([[0, 0, 0]] + [[i % 16, (i // 16) % 16, i % 7] for i in range(2000)])
+
+    def initial_item_loss(init: str) -> float:
+        torch.manual_seed(0)
+        model = OxygenModel(codes, [16, 16, 7], text_dim=8, num_scenarios=4, num_genres=3, profile_sizes=[2],
+                            d_model=64, embedding_init=init)  # fmt: skip
+        catalogue = model.item_repr(torch.arange(1, 2001))
+        state = model.enc_norm(torch.randn(256, 64))  # what the encoder hands the softmax: LayerNorm'd
+        return float(F.cross_entropy(state @ catalogue.t(), torch.randint(0, 2000, (256,))))
+
+    uniform = math.log(2000)  # + var(logits) / 2 ~ 2 nats for 4 tables of N(0, 1/d) summed
+    assert abs(initial_item_loss("scaled") - uniform) < 3.0
+    assert initial_item_loss("unit") > uniform + 10  # negative control: the old init is far off
+    assert float(_model().item_id.weight[0].abs().sum()) == 0.0  # padding row stays zero
+    with pytest.raises(ConfigError, match="unknown embedding_init 'xavier'"):
+        _model(embedding_init="xavier")

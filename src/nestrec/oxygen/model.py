@@ -52,6 +52,8 @@ SCENARIO_HOMEPAGE = 0
 INSTRUCTION_MODES = ("none", "scenario", "scenario_reasoning")
 INSTRUCTION_POSITIONS = ("right_of_bos", "replace_bos", "add_to_bos")
 IGR_MODES = ("semantic", "recent", "random", "none")
+# scaled: every embedding N(0, 1/d) (SASRec's); unit: PyTorch's N(0, 1) (the earlier behaviour)
+EMBEDDING_INITS = ("scaled", "unit")
 
 
 def _mlp(inp: int, out: int) -> nn.Sequential:
@@ -88,8 +90,13 @@ class OxygenModel(nn.Module):
         window_len: int = 0,
         user_trigger_items: int = 10,
         attention_dropout: float = 0.0,
+        embedding_init: str = "scaled",
     ):
         super().__init__()
+        if embedding_init not in EMBEDDING_INITS:
+            raise ConfigError(
+                f"unknown embedding_init {embedding_init!r}; expected one of {', '.join(EMBEDDING_INITS)}"
+            )
         for name, value, allowed in (
             ("instruction", instruction, INSTRUCTION_MODES),
             ("instruction_position", instruction_position, INSTRUCTION_POSITIONS),
@@ -153,6 +160,23 @@ class OxygenModel(nn.Module):
                 if attention is not None:
                     attention.dropout = attention_dropout
         self.heads = nn.ModuleList(nn.Linear(d, v) for v in self.vocab_sizes)
+        if embedding_init == "scaled":
+            self._scale_embeddings(d, injected=item_id_embedding)
+
+    def _scale_embeddings(self, d: int, injected: nn.Module | None) -> None:
+        """Every embedding table of this model drawn from N(0, 1/d), as SASRec's item table is.
+
+        PyTorch's default N(0, 1) gives an item representation (ID + 4 SID levels) of norm ~18 at
+        d = 64: the tied item-softmax starts with logits of std ~18 (a near one-hot, saturated
+        softmax) and Adam's ~lr-sized steps barely move rows of that scale, so rarely-seen items
+        keep their random start. A table passed in (the row-sharded one) keeps its own init."""
+        keep = {id(m) for m in injected.modules()} if injected is not None else set()
+        for module in self.modules():
+            if isinstance(module, nn.Embedding) and id(module) not in keep:
+                nn.init.normal_(module.weight, std=d**-0.5)
+                if module.padding_idx is not None:
+                    with torch.no_grad():
+                        module.weight[module.padding_idx].zero_()
 
     # -- pieces ---------------------------------------------------------------------------------------
     def item_repr(self, items: torch.Tensor) -> torch.Tensor:

@@ -82,6 +82,7 @@ class OxygenPretrainModule(NextItemRecommender):
         q2i_pairs: int = 1024,
         attention_dropout: float = 0.0,
         item_loss: float = 0.0,
+        embedding_init: Literal["scaled", "unit"] = "scaled",
     ):
         super().__init__(num_items, genre_item_mask, ks, exclude_history)
         self.save_hyperparameters(ignore=["genre_item_mask", "registry_state"])
@@ -135,6 +136,7 @@ class OxygenPretrainModule(NextItemRecommender):
             window_len=encoder_window,
             user_trigger_items=user_trigger_items,
             attention_dropout=attention_dropout,
+            embedding_init=embedding_init,
         )
 
     # -- training ---------------------------------------------------------------------------------------

@@ -237,11 +237,9 @@ async def load(
 
 
 def _serve_defaults() -> dict:
-    import dataclasses
-
     from nestrec.serve.settings import ServeSettings
 
-    return {k: v for k, v in dataclasses.asdict(ServeSettings()).items() if k not in ("artifact", "port")}
+    return {k: v for k, v in ServeSettings().model_dump().items() if k not in ("artifact", "port")}
 
 
 def http_grid(artifact: Path, env: dict, args, info: dict) -> list[dict]:

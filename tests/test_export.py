@@ -324,15 +324,27 @@ def test_sharded_checkpoint_exports_the_whole_item_table(tiny, tmp_path):
         ]
 
 
-def test_settings_parser():
+def test_settings_parser(monkeypatch):
     settings = parse_settings(["artifact=x", "port=9", "verify=false", "max_wait_ms=2.5"], ServeSettings)
     assert (settings.port, settings.verify, settings.max_wait_ms) == (9, False, 2.5)
     export = parse_settings(["beam.search=64", "k.search=20", "data.cache_dir=/d"], ExportSettings)
     assert export.beam == {"search": 64} and export.k == {"search": 20} and export.data == {"cache_dir": "/d"}
-    with pytest.raises(ValueError, match="port='x' is not a valid int"):
+    with pytest.raises(ValueError, match="port='x': input should be a valid integer"):
         parse_settings(["port=x"], ServeSettings)
+    with pytest.raises(ValueError, match="unknown setting 'prot'; settings: artifact, host, port"):
+        parse_settings(["prot=1"], ServeSettings)
+    with pytest.raises(ValueError, match=r"beam\.search='wide': input should be a valid integer"):
+        parse_settings(["beam.search=wide"], ExportSettings)
     with pytest.raises(ValueError, match="setting 'port' has no sub-keys"):
         parse_settings(["port.a=1"], ServeSettings)
+    # The environment sets defaults; the command line wins over it.
+    monkeypatch.setenv("NESTREC_SERVE_PORT", "8123")
+    monkeypatch.setenv("NESTREC_SERVE_MAX_BATCH", "4")
+    settings = parse_settings(["port=9"], ServeSettings)
+    assert (settings.port, settings.max_batch) == (9, 4)
+    monkeypatch.setenv("NESTREC_SERVE_MAX_BATCH", "many")
+    with pytest.raises(ValueError, match="max_batch='many': input should be a valid integer"):
+        parse_settings([], ServeSettings)
 
 
 def test_an_rl_post_training_checkpoint_exports_like_its_policy(tiny, tmp_path):

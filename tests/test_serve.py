@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
+from prometheus_client.parser import text_string_to_metric_families
 
 from nestrec.errors import UserInputError
 from nestrec.oxygen.cri.cache import CRICache, CRIRecord
@@ -350,12 +351,24 @@ def test_metrics_count_requests_and_latency(service):
     _post(base, {"scenario": "nope"})
     text = httpx.get(f"{base}/metrics", timeout=10).text
     assert "# TYPE nestrec_http_request_duration_seconds histogram" in text
-    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
-    assert int(lines['nestrec_http_requests_total{method="POST",route="/v1/recommend",code="200"}']) >= 1
-    assert int(lines['nestrec_http_requests_total{method="POST",route="/v1/recommend",code="422"}']) >= 1
-    assert int(lines['nestrec_http_request_duration_seconds_bucket{route="/v1/recommend",le="+Inf"}']) >= 2
-    assert int(lines['nestrec_recommendations_total{scenario="homepage",outcome="ok"}']) >= 1
-    assert int(lines["nestrec_batch_size_count"]) >= 1 and "nestrec_queue_depth" in lines
+    # Read back with Prometheus' own parser: what a scraper would see.
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    assert value("nestrec_http_requests_total", method="POST", route="/v1/recommend", code="200") >= 1
+    assert value("nestrec_http_requests_total", method="POST", route="/v1/recommend", code="422") >= 1
+    assert value("nestrec_http_request_duration_seconds_bucket", route="/v1/recommend", le="+Inf") >= 2
+    assert value("nestrec_recommendations_total", scenario="homepage", outcome="ok") >= 1
+    assert value("nestrec_batch_size_count") >= 1 and value("nestrec_queue_depth") >= 0
+    assert value("nestrec_uptime_seconds") > 0
+    [info] = [labels for name, labels in samples if name == "nestrec_info"]
+    assert dict(info)["model_version"]
 
 
 def test_openapi_fuzzing_finds_no_server_errors(service):

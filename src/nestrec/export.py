@@ -27,19 +27,19 @@ import shutil
 import sqlite3
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from pydantic_settings import SettingsConfigDict
 from safetensors.torch import save_file
 
 import nestrec
 from nestrec.errors import UserInputError
 from nestrec.fileio import sha256_file
 from nestrec.serve import artifact as fmt
-from nestrec.serve.settings import parse_settings, setting, usage
+from nestrec.serve.settings import CommandSettings, parse_settings, setting, usage
 
 __all__ = ["ExportSettings", "export_artifact", "main"]
 
@@ -78,9 +78,11 @@ class ExportError(UserInputError):
     """The checkpoint cannot be exported as asked; the message says why."""
 
 
-@dataclass
-class ExportSettings:
-    """Settings of ``python -m nestrec.export`` (each one is ``key=value`` on the command line)."""
+class ExportSettings(CommandSettings):
+    """Settings of ``python -m nestrec.export`` (each one is ``key=value`` on the command line, or
+    ``NESTREC_EXPORT_<KEY>`` in the environment)."""
+
+    model_config = SettingsConfigDict(env_prefix="NESTREC_EXPORT_", extra="forbid")
 
     checkpoint: str = setting("", "a checkpoint (.ckpt file, or a NestPipe sharded checkpoint directory)")
     run: str = setting("", "or a run directory: exports its summary.json's best checkpoint")

@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from nestrec.serve.batching import DeadlineExceeded, Overloaded
-from nestrec.serve.metrics import MetricsMiddleware
+from nestrec.serve.metrics import CONTENT_TYPE, MetricsMiddleware
 from nestrec.serve.resolve import RequestError
 from nestrec.serve.schema import (
     MAX_DEADLINE_MS,
@@ -228,6 +228,6 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
         """Prometheus text exposition (version 0.0.4)."""
-        return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(service.metrics.render(), media_type=CONTENT_TYPE)
 
     return app

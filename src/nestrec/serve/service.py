@@ -47,9 +47,11 @@ class Service:
             max_cost=settings.max_batch_beams,
             on_batch=self.metrics.observe_batch,
         )
-        self.metrics.gauges["nestrec_queue_depth"] = lambda: self.batcher.depth
-        self.metrics.gauges["nestrec_users_with_instruction"] = lambda: (
-            self.instructions.users_with_instruction
+        self.metrics.gauge("nestrec_queue_depth", "Requests waiting for a batch.", lambda: self.batcher.depth)
+        self.metrics.gauge(
+            "nestrec_users_with_instruction",
+            "Users with a cached reasoning instruction.",
+            lambda: self.instructions.users_with_instruction,
         )
         self.ready = False
         self.warm_up_error: str | None = None

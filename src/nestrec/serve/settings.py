@@ -1,35 +1,48 @@
-"""Command-line settings as ``key=value`` pairs, like the project's Hydra commands.
+"""Command settings as ``key=value`` pairs (like the project's Hydra commands) over environment
+variables, validated by pydantic-settings.
 
-``python -m nestrec.serve artifact=DIR port=8080 max_batch=16`` reads into :class:`ServeSettings`.
-Hydra itself would add seconds of start-up and a config tree for a dozen flat settings, so this
-is a small typed parser over a dataclass: unknown keys and unparsable values are one-line errors
-that list what is accepted. Dotted keys (``beam.search=64``) fill dict-valued settings.
+``python -m nestrec.serve artifact=DIR port=8080 max_batch=16`` reads into :class:`ServeSettings`;
+``NESTREC_SERVE_PORT=8080`` sets the same default from the environment (a container's usual way).
+Hydra itself would add seconds of start-up and a config tree for a dozen flat settings; here the
+command line is only split into ``key=value`` words, and pydantic does the typing: an unknown key
+or an unparsable value is a one-line error that names it. Dotted keys (``beam.search=64``) fill
+dict-valued settings.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
+import inspect
 import typing
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from nestrec.errors import UserInputError
 
-__all__ = ["ServeSettings", "parse_settings", "setting", "usage"]
+__all__ = ["CommandSettings", "ServeSettings", "parse_settings", "setting", "usage"]
 
-T = TypeVar("T")
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
-
-
-def setting(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
-    """A dataclass field with a help line (shown by ``--help``)."""
-    return field(default=default, metadata={"help": help}, **kwargs)
+T = TypeVar("T", bound="CommandSettings")
 
 
-@dataclass
-class ServeSettings:
-    """Settings of ``python -m nestrec.serve`` (each one is ``key=value`` on the command line)."""
+def setting(default: Any = ..., help: str = "", **kwargs: Any) -> Any:
+    """A settings field with a help line (shown by ``--help``)."""
+    if "default_factory" in kwargs:
+        return Field(description=help, **kwargs)
+    return Field(default, description=help, **kwargs)
+
+
+class CommandSettings(BaseSettings):
+    """Base of the ``key=value`` commands: command line > ``<env_prefix>KEY`` environment > default."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+
+class ServeSettings(CommandSettings):
+    """Settings of ``python -m nestrec.serve`` (each one is ``key=value`` on the command line, or
+    ``NESTREC_SERVE_<KEY>`` in the environment)."""
+
+    model_config = SettingsConfigDict(env_prefix="NESTREC_SERVE_", extra="forbid")
 
     artifact: str = setting("", "directory written by `python -m nestrec.export` (required)")
     host: str = setting("127.0.0.1", "listen address (0.0.0.0 accepts remote clients)")
@@ -48,60 +61,42 @@ class ServeSettings:
     log_level: str = setting("warning", "uvicorn's log level")
 
 
-def _convert(name: str, value: str, kind: Any) -> Any:
-    origin = typing.get_origin(kind)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(kind) if a is not type(None)]
-        if value.lower() in ("none", "null", ""):
-            return None
-        return _convert(name, value, args[0])
-    try:
-        if kind is bool:
-            if value.lower() in _TRUE:
-                return True
-            if value.lower() in _FALSE:
-                return False
-            raise ValueError(value)
-        if kind in (int, float, str):
-            return kind(value)
-    except ValueError:
-        raise UserInputError(f"{name}={value!r} is not a valid {kind.__name__}") from None
-    raise TypeError(f"unsupported setting type {kind!r} for {name}")
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(part) for part in first["loc"])
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{key}={first.get('input')!r}: {first['msg'].lower()}{more}"
 
 
 def parse_settings(argv: list[str], cls: type[T]) -> T:
-    """Parse ``key=value`` arguments into ``cls`` (a dataclass); ``a.b=v`` fills dict field ``a``."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    """Parse ``key=value`` arguments into ``cls``; ``a.b=v`` fills dict field ``a``."""
+    fields = cls.model_fields
+    names = ", ".join(fields)
     values: dict[str, Any] = {}
     for arg in argv:
         key, sep, raw = arg.partition("=")
         key = key.strip().lstrip("-")
         if not sep or not key:
-            raise UserInputError(f"expected key=value, got {arg!r}; settings: {', '.join(names)}")
+            raise UserInputError(f"expected key=value, got {arg!r}; settings: {names}")
         top, _, sub = key.partition(".")
-        if top not in hints:
-            raise UserInputError(f"unknown setting {top!r}; settings: {', '.join(names)}")
-        kind = hints[top]
+        if top not in fields:
+            raise UserInputError(f"unknown setting {top!r}; settings: {names}")
         if sub:
-            if typing.get_origin(kind) is not dict:
+            if typing.get_origin(fields[top].annotation) is not dict:
                 raise UserInputError(f"setting {top!r} has no sub-keys (got {key!r})")
-            value_kind = typing.get_args(kind)[1]
-            values.setdefault(top, {})[sub] = _convert(key, raw, value_kind)
+            values.setdefault(top, {})[sub] = raw
         else:
-            values[top] = _convert(key, raw, kind)
-    return cls(**values)
+            values[top] = raw
+    try:
+        return cls(**values)
+    except ValidationError as err:
+        raise UserInputError(_one_line(err)) from None
 
 
-def usage(cls: type, command: str) -> str:
+def usage(cls: type[CommandSettings], command: str) -> str:
     """Help text: every setting with its default and help line."""
-    lines = [f"usage: {command} key=value ...", "", (cls.__doc__ or "").strip(), ""]
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = "(required)"
-        lines.append(f"  {f.name}={default}".ljust(30) + f"  {f.metadata.get('help', '')}")
+    lines = [f"usage: {command} key=value ...", "", inspect.cleandoc(cls.__doc__ or ""), ""]
+    for name, field in cls.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        lines.append(f"  {name}={default}".ljust(30) + f"  {field.description or ''}")
     return "\n".join(lines) + "\n"

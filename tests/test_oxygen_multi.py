@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from nestrec.errors import ConfigError
 from nestrec.oxygen.align import SAGCPOModule
 from nestrec.oxygen.ranker import UnifiedRankerModule
 from nestrec.oxygen.sid import SIDRegistry
+from nestrec.serve.artifact import load_artifact
 from nestrec.wandb_offline import offline_runs
 
 FIXTURE = [
@@ -56,6 +58,13 @@ def test_oxygenrec_multi_runs_every_stage_and_reuses_finished_ones(tmp_path):
     assert runs["align"].images and any(k.startswith("comparison_plot") for k in runs["align"].history_keys)
     assert (run_dir / "comparison.png").stat().st_size > 10_000
     assert "[nestrec] upload them with: wandb sync " in first.stdout
+    # The aligned model is exported for serving, loads as an artifact and is a W&B Artifact too.
+    assert ("oxygenrec_multi-serving", "serving-model") in runs["align"].artifacts
+    served = load_artifact(run_dir / "serving", torch.device("cpu"))
+    assert served.manifest["source"]["checkpoint"] == str(
+        Path(summary["stages"]["align"]["checkpoint"]).resolve()
+    )
+    assert f"serve it with: python -m nestrec.serve artifact={run_dir / 'serving'}" in first.stdout
 
     # Forcing the ranker re-runs it and what depends on it (align), and reuses the rest.
     second = run_nestrec([*args, "stages.force=[ranker]"], tmp_path, env_extra=env)

@@ -73,14 +73,23 @@ def test_csv_logger_and_resume_from_checkpoint(tmp_path):
 
 def test_two_value_sweep_and_report(tmp_path):
     sweep = tmp_path / "sweep"
-    result = _ok(run_nestrec(["-m", "recipe=sasrec_ml1m", *FIXTURE, "logger=none", "model.dim=16,32"], tmp_path,
+    result = _ok(run_nestrec(["-m", "recipe=sasrec_ml1m", *FIXTURE, "logger=wandb", "model.dim=16,32"], tmp_path,
                              env_extra={**_env(tmp_path), "NESTREC_SWEEP_DIR": str(sweep)}))  # fmt: skip
     summaries = _summaries(sweep)
     assert len(summaries) == 2 and len({s["config_hash"] for s in summaries}) == 2
+    # W&B: the sweep's jobs are one group (named for the sweep, not the job number every sweep
+    # shares), each job tagged with its own override.
+    runs = offline_runs(sweep)
+    assert len(runs) == 2 and len({r.group for r in runs}) == 1, [r.group for r in runs]
+    assert f"sweep-{sweep.parent.name}-{sweep.name}" in runs[0].group
+    assert sorted(t for r in runs for t in r.tags if t.startswith("model.dim=")) == [
+        "model.dim=16",
+        "model.dim=32",
+    ]
     report = _ok(run_nestrec([str(sweep)], tmp_path, module="nestrec.report"))
     assert "| model.dim=16 |" in report.stdout and "| model.dim=32 |" in report.stdout
     assert (sweep / "report.md").exists() and (sweep / "report.png").stat().st_size > 5_000
-    assert not (sweep / "report_curves.png").exists()  # logger=none: no curves to draw
+    assert (sweep / "report_curves.png").stat().st_size > 5_000  # curves from the W&B offline history
     assert result.stdout.count("test: HR@10=") == 2
 
 

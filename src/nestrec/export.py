@@ -317,8 +317,12 @@ def _serving_config(settings: ExportSettings, trained_beam: dict, scenarios: tup
     return {"beam": beam, "k": k, "max_beam": settings.max_beam, "max_k": settings.max_k}
 
 
-def export_artifact(settings: ExportSettings) -> Path:
-    """Write the artifact for ``settings``; returns its directory."""
+def export_artifact(settings: ExportSettings, datamodule=None) -> Path:
+    """Write the artifact for ``settings``; returns its directory.
+
+    ``datamodule``: the training run's own OxygenDataModule, already set up (a multi-stage recipe
+    exports at its end); otherwise it is rebuilt from the checkpoint's data settings. Either way
+    :func:`check_compatible` proves it is the data the checkpoint was trained on."""
     from nestrec.data.scenarios import SCENARIO_KINDS
     from nestrec.oxygen.model import OxygenModel
     from nestrec.oxygen.sid import SIDRegistry
@@ -332,7 +336,11 @@ def export_artifact(settings: ExportSettings) -> Path:
     path = resolve_checkpoint(settings)
     checkpoint, state = load_checkpoint(path)
     registry = SIDRegistry.from_state(checkpoint["sid_registry"])
-    dm, trained_cri = rebuild_data(checkpoint, settings.data)
+    if datamodule is None:
+        dm, trained_cri = rebuild_data(checkpoint, settings.data)
+    else:
+        dm = datamodule
+        trained_cri = (checkpoint.get("datamodule_hyper_parameters") or {}).get("cri_cache")
     check_compatible(checkpoint, registry, dm)
     hp = checkpoint["hyper_parameters"]
     serving = _serving_config(settings, dict(hp.get("beam") or {}), SCENARIO_KINDS)

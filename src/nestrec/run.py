@@ -399,7 +399,9 @@ def _print_stage_headline(summary: dict, order: list[str]) -> None:
 
 def print_outputs(output_dir: Path, stage_dirs: list[Path] | None = None) -> None:
     """Where the run's results, plots and W&B offline runs are, and how to upload the runs."""
-    found = [p for p in ("summary.json", "comparison.md", "comparison.png") if (output_dir / p).exists()]
+    found = [
+        p for p in ("summary.json", "comparison.md", "comparison.png", "serving") if (output_dir / p).exists()
+    ]
     print(f"[nestrec] results: {output_dir}/ ({', '.join(found)})", flush=True)
     roots = [output_dir, *(stage_dirs or [])]
     runs = sorted({d for root in roots for d in root.rglob("offline-run-*") if d.is_dir()})

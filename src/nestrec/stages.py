@@ -391,6 +391,22 @@ def markdown_table(columns: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def export_serving_model(checkpoint: str | None, output_dir: Path, datamodule) -> Path | None:
+    """The aligned model as a serving artifact in ``<run dir>/serving`` (what ``python -m
+    nestrec.serve artifact=...`` loads), from the run's own data module (no second data set-up)."""
+    from nestrec.export import ExportSettings, export_artifact
+
+    if not checkpoint:
+        print("[nestrec] export: skipped, the align stage kept no checkpoint (callbacks=none?)", flush=True)
+        return None
+    started = time.time()
+    settings = ExportSettings(checkpoint=str(checkpoint), out=str(output_dir / "serving"), overwrite=True)
+    path = export_artifact(settings, datamodule=datamodule)
+    print(f"[nestrec] export: serving artifact in {path} ({time.time() - started:.0f} s); "
+          f"serve it with: python -m nestrec.serve artifact={path}", flush=True)  # fmt: skip
+    return path
+
+
 def run_stages(cfg: DictConfig, output_dir: Path, recipe: str | None) -> tuple[dict, dict, Any]:
     """Run a multi-stage recipe; returns (flat metrics, per-stage results, the data module)."""
     runner = StageRunner(cfg, output_dir, recipe)
@@ -421,6 +437,12 @@ def run_stages(cfg: DictConfig, output_dir: Path, recipe: str | None) -> tuple[d
                 "results",
                 [output_dir / "comparison.md", output_dir / "comparison.png"],
             )
+            if cfg.stages.get("export", False):
+                serving = export_serving_model(
+                    results["align"].get("checkpoint"), output_dir, runner.datamodule
+                )
+                if serving is not None:
+                    log_artifact(logger, f"{recipe}-serving", "serving-model", [serving])
         from nestrec.building import finish_wandb
 
         finish_wandb(logger)

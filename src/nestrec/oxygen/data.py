@@ -42,7 +42,7 @@ from nestrec.data.datamodule import SequenceDataModule, left_pad
 from nestrec.data.scenarios import SCENARIO_KINDS, ScenarioSamples, derive_scenarios
 from nestrec.errors import ConfigError
 from nestrec.oxygen.item_vectors import sid_vectors
-from nestrec.oxygen.sid import SIDRegistry, popularity_counts
+from nestrec.oxygen.sid import TOKENIZER_VERSION, SIDRegistry, popularity_counts
 from nestrec.oxygen.text import encode_cached, text_dim
 
 __all__ = ["OxygenDataModule"]
@@ -222,7 +222,7 @@ class OxygenDataModule(SequenceDataModule):
         )
         key = hashlib.sha256(vectors.numpy().tobytes())
         settings = [hp.sid_levels, hp.sid_codebook, hp.sid_collisions, hp.sid_seed, hp.sid_balanced]
-        key.update(json.dumps(settings + [hp.sid_collision_token]).encode())
+        key.update(json.dumps(settings + [hp.sid_collision_token, TOKENIZER_VERSION]).encode())
         key.update(popularity.numpy().tobytes())
         path = cache / f"sid-{key.hexdigest()[:20]}.json"
         if path.exists():

@@ -38,8 +38,16 @@ log = logging.getLogger(__name__)
 
 __all__ = ["PrefixTrie", "SIDRegistry", "kmeans", "rq_kmeans"]
 
+# Part of every cached registry's key: bump it whenever the same settings would give other codes
+# (2: scikit-learn's k-means with restarts replaced the hand-written Lloyd), so a cache written by
+# older code is never reused on one machine while a fresh one builds different SIDs.
+TOKENIZER_VERSION = 2
 COLLISION_POLICIES = ("keep", "disambiguate")
 COLLISION_TOKENS = ("popularity", "residual")
+
+
+# Above this many items, mini-batch k-means (memory and time linear in a batch, not the catalogue).
+MINIBATCH_ABOVE = 200_000
 
 
 def kmeans(
@@ -48,29 +56,35 @@ def kmeans(
     iters: int = 25,
     generator: torch.Generator | None = None,
     balanced: bool = False,
+    n_init: int = 3,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means with k-means++ seeding. Returns (centroids [k, d], assignment [n]).
+    """k-means of ``x`` ``[n, d]`` into ``k`` codes: (centroids [k, d], assignment [n]).
 
-    Empty clusters are re-seeded with the point farthest from its centroid, so every code stays
-    usable (codebook utilisation is one of the diagnostics). ``balanced``: every cluster holds at
-    most ``ceil(n / k)`` points (:func:`balanced_assignment`), so no code becomes a catch-all that
-    the decoder must then split with long collision tails.
+    scikit-learn's k-means does the clustering (k-means++ seeding, ``n_init`` restarts keeping the
+    lowest inertia; ``MiniBatchKMeans`` above :data:`MINIBATCH_ABOVE` items, so a large catalogue
+    never needs an ``n x k`` distance matrix at once). ``balanced``: then up to ``iters`` Lloyd
+    steps in which every cluster holds at most ``ceil(n / k)`` points (:func:`balanced_assignment`;
+    scikit-learn has no capacity constraint), so no code becomes a catch-all that the decoder must
+    then split with long collision tails. Empty codes are re-seeded with the points farthest from
+    their centroids, so every code stays usable (codebook utilisation is one of the diagnostics).
     """
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
     n = x.shape[0]
     k = min(k, n)
-    first = torch.randint(0, n, (1,), generator=generator)
-    centroids = [x[first]]
-    dist = torch.cdist(x, centroids[0]).squeeze(1) ** 2
-    for _ in range(1, k):
-        probs = dist / dist.sum() if dist.sum() > 0 else torch.full_like(dist, 1.0 / n)
-        pick = torch.multinomial(probs, 1, generator=generator)
-        centroids.append(x[pick])
-        dist = torch.minimum(dist, torch.cdist(x, x[pick]).squeeze(1) ** 2)
-    c = torch.cat(centroids)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    data = x.detach().cpu().double().numpy()
+    if n > MINIBATCH_ABOVE:
+        fitted = MiniBatchKMeans(k, n_init=n_init, random_state=seed, batch_size=4096).fit(data)
+    else:
+        fitted = KMeans(k, n_init=n_init, max_iter=max(iters, 1) * 4, random_state=seed).fit(data)
+    c = torch.from_numpy(fitted.cluster_centers_).to(x.dtype)
+    if not balanced:
+        return c, torch.from_numpy(fitted.labels_).long()
 
     def assign_to(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = torch.cdist(x, c)
-        return d, (balanced_assignment(d, -(-n // k)) if balanced else d.argmin(1))
+        return d, balanced_assignment(d, -(-n // k))
 
     for _ in range(iters):
         d, assign = assign_to(c)

@@ -28,6 +28,7 @@ def main() -> None:
     )
     parser.add_argument("checkpoint")
     parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--beams", default="20", help="beam widths to rank with, e.g. 20,50,100")
     args = parser.parse_args()
     config = OmegaConf.load(_run_config(args.checkpoint))
     data = {k: v for k, v in OmegaConf.to_container(config.data, resolve=True).items() if k != "_target_"}
@@ -41,7 +42,9 @@ def main() -> None:
     ).eval()  # fmt: skip
     test = dm._tensors["test"]
     rows = (test["scenario"] == 0).nonzero().flatten()[: args.rows]
-    beam = encoder = level1 = 0
+    widths = [int(w) for w in args.beams.split(",")]
+    beam = dict.fromkeys(widths, 0)
+    encoder = level1 = 0
     with torch.no_grad():
         catalogue = module.model.item_repr(torch.arange(1, module.num_items + 1))
         for start in range(0, len(rows), 250):
@@ -49,8 +52,9 @@ def main() -> None:
                 [{k: v[j] for k, v in test.items()} for j in rows[start : start + 250].tolist()]
             )
             target = batch["target"].unsqueeze(1)
-            items, _ = module.recommend(batch, 20, 20)
-            beam += (items[:, :10] == target).any(1).sum().item()
+            for width in widths:
+                items, _ = module.recommend(batch, width, 10)
+                beam[width] += (items[:, :10] == target).any(1).sum().item()
             state = module.model.encode_window(batch)["states"][:, -1]
             encoder += ((state @ catalogue.t()).topk(10).indices + 1 == target).any(1).sum().item()
             logits = module.model.next_logits(
@@ -60,8 +64,8 @@ def main() -> None:
                 (logits.topk(5).indices == module.model.sid_codes[batch["target"], :1]).any(1).sum().item()
             )
     n = len(rows)
-    print(json.dumps({"rows": n, "beam_hr@10": round(beam / n, 4), "encoder_state_hr@10": round(encoder / n, 4),
-                      "level1_in_top5": round(level1 / n, 4)}))  # fmt: skip
+    print(json.dumps({"rows": n, **{f"beam{w}_hr@10": round(hits / n, 4) for w, hits in beam.items()},
+                      "encoder_state_hr@10": round(encoder / n, 4), "level1_in_top5": round(level1 / n, 4)}))  # fmt: skip
 
 
 def _run_config(checkpoint: str) -> str:

@@ -394,6 +394,7 @@ def markdown_table(columns: list[str], rows: list[list]) -> str:
 def export_serving_model(checkpoint: str | None, output_dir: Path, datamodule) -> Path | None:
     """The aligned model as a serving artifact in ``<run dir>/serving`` (what ``python -m
     nestrec.serve artifact=...`` loads), from the run's own data module (no second data set-up)."""
+    from nestrec.errors import UserInputError
     from nestrec.export import ExportSettings, export_artifact
 
     if not checkpoint:
@@ -401,7 +402,11 @@ def export_serving_model(checkpoint: str | None, output_dir: Path, datamodule) -
         return None
     started = time.time()
     settings = ExportSettings(checkpoint=str(checkpoint), out=str(output_dir / "serving"), overwrite=True)
-    path = export_artifact(settings, datamodule=datamodule)
+    try:
+        path = export_artifact(settings, datamodule=datamodule)
+    except UserInputError as err:  # the trained stages and their results stay; say why, go on
+        print(f"[nestrec] export: skipped, {err}", flush=True)
+        return None
     print(f"[nestrec] export: serving artifact in {path} ({time.time() - started:.0f} s); "
           f"serve it with: python -m nestrec.serve artifact={path}", flush=True)  # fmt: skip
     return path

@@ -49,6 +49,9 @@ NESTREC_MODES = {
     "nestrec_dbp": {"mode": "dbp"},
     "nestrec_fwp": {"mode": "fwp", "clustering": "none"},
     "nestrec_nested": {"mode": "nested", "clustering": "none"},
+    # The same schedule with the rows exchange (unique rows to the requester, pooled there).
+    "nestrec_sync_rows": {"mode": "sync", "exchange": "rows"},
+    "nestrec_nested_rows": {"mode": "nested", "clustering": "none", "exchange": "rows"},
 }
 TORCHREC_MODES = ("torchrec_base", "torchrec_sparse_dist")
 DENSE_IN = 16
@@ -130,12 +133,18 @@ class NestrecRunner:
         self.name = name
         self.model = NestrecModel(args)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=args.lr)
+        schedule = dict(NESTREC_MODES[name])
+        exchange = schedule.pop("exchange", "auto")
         self.tables = ShardedEmbeddingCollection(
-            build_tables(args), optimizer=RowWiseSGD(lr=args.lr), init_std=args.init_std, seed=0
+            build_tables(args),
+            optimizer=RowWiseSGD(lr=args.lr),
+            init_std=args.init_std,
+            seed=0,
+            exchange=exchange,
         )
         # Own groups per runner: engines read ahead on threads, and runners must not interleave.
         self.tables.shard(rank, world, dist.new_group(backend="gloo"), dist.new_group(backend="gloo"))
-        config = PipelineConfig(**NESTREC_MODES[name], micro_batches=args.micro_batches)
+        config = PipelineConfig(**schedule, micro_batches=args.micro_batches)
         self.engine = NestPipeEngine(
             self.model, self.tables, list(self.model.parameters()), self._dense_step, config,
             dense_group=dist.new_group(backend="gloo"),

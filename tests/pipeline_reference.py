@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nestrec.pipeline.engine import NestPipeEngine, PipelineConfig
-from nestrec.sharding import RowWiseAdagrad, RowWiseAdam, ShardedEmbeddingCollection
+from nestrec.sharding import RowWiseAdagrad, RowWiseAdam, RowWiseSGD, ShardedEmbeddingCollection
 from nestrec.sparse import JaggedFeatures
 from sharded_reference import TABLES, Head
 
@@ -97,11 +97,21 @@ class CopyBufferCollection(ShardedEmbeddingCollection):
 
 
 def train(
-    rank: int, world_size: int, config: PipelineConfig, sparse: str, groups, copy_buffers: bool = False
+    rank: int,
+    world_size: int,
+    config: PipelineConfig,
+    sparse: str,
+    groups,
+    copy_buffers: bool = False,
+    exchange: str = "auto",
 ) -> dict[str, torch.Tensor]:
-    optimizer = RowWiseAdagrad(lr=0.3) if sparse == "adagrad" else RowWiseAdam(lr=0.05)
+    optimizer = {
+        "adagrad": RowWiseAdagrad(lr=0.3),
+        "adam": RowWiseAdam(lr=0.05),
+        "sgd": RowWiseSGD(lr=0.3),  # linear: single-window lookups add gradients straight in
+    }[sparse]
     kind = CopyBufferCollection if copy_buffers else ShardedEmbeddingCollection
-    tables = kind(TABLES, optimizer=optimizer, dtype=torch.float64)
+    tables = kind(TABLES, optimizer=optimizer, dtype=torch.float64, exchange=exchange)
     tables.shard(rank, world_size, *groups)
     head = Head()
     dense_opt = torch.optim.Adam(head.parameters(), lr=0.01)
@@ -121,14 +131,23 @@ def train(
 
 
 def worker(rank: int, world_size: int, runs: list[tuple], init_file: str, out_file: str):
-    """Train every ``(label, PipelineConfig kwargs, sparse optimizer[, "copy"])`` in ``runs``
-    (``"copy"``: a :class:`CopyBufferCollection`); rank 0 saves."""
+    """Train every ``(label, PipelineConfig kwargs, sparse optimizer[, "copy"][, "rows"])`` in
+    ``runs`` (``"copy"``: a :class:`CopyBufferCollection`; ``"rows"``: the rows exchange instead of
+    the default pooled one); rank 0 saves."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         groups = (dist.new_group(backend="gloo"), dist.new_group(backend="gloo"))
         results = {
-            label: train(rank, world_size, PipelineConfig(**kw), sparse, groups, "copy" in extra)
+            label: train(
+                rank,
+                world_size,
+                PipelineConfig(**kw),
+                sparse,
+                groups,
+                "copy" in extra,
+                "rows" if "rows" in extra else "auto",
+            )
             for label, kw, sparse, *extra in runs
         }
         if rank == 0:

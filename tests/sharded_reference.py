@@ -122,6 +122,7 @@ def train_sharded_worker(
     init_file: str,
     out_file: str,
     grad_scale="world",
+    exchange: str = "auto",
 ):
     """One rank of the sharded run; rank 0 saves every table row, state row and dense parameter."""
     torch.set_num_threads(1)
@@ -134,6 +135,7 @@ def train_sharded_worker(
             sharding=sharding,
             dtype=torch.float64,
             grad_scale=grad_scale,
+            exchange=exchange,
         )
         tables.shard(rank, world_size, key_group, emb_group)
         head = Head()

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from nestrec.embedding import EmbeddingTableConfig
-from nestrec.errors import UserInputError
-from nestrec.sharding import RowWiseAdagrad, ShardedEmbeddingCollection, dataplane
+from nestrec.errors import ConfigError, UserInputError
+from nestrec.sharding import RowWiseAdagrad, RowWiseSGD, ShardedEmbeddingCollection, dataplane
 from nestrec.sparse import JaggedFeatures
 
 TABLES = [
@@ -22,10 +22,14 @@ TABLES = [
 ]
 
 
-def _features(seed: int) -> JaggedFeatures:
+POOLING_TABLES = TABLES[:2]  # sum and mean: what the pooled exchange serves
+EXCHANGES = [("rows", TABLES), ("pooled", POOLING_TABLES)]
+
+
+def _features(seed: int, tables=TABLES) -> JaggedFeatures:
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for table in TABLES:
+    for table in tables:
         for feature in table.features:
             lengths = torch.randint(0, 4, (6,), generator=g)  # empty bags included
             if table.pooling == "none":
@@ -53,50 +57,108 @@ def _dense_lookup(features: JaggedFeatures, weights: dict[str, torch.Tensor]) ->
     return out
 
 
-def _collection() -> ShardedEmbeddingCollection:
+def _collection(exchange: str = "auto", tables=TABLES, optimizer=None) -> ShardedEmbeddingCollection:
     return ShardedEmbeddingCollection(
-        TABLES, optimizer=RowWiseAdagrad(lr=0.3), dtype=torch.float64, init_std=0.5
+        tables,
+        optimizer=optimizer or RowWiseAdagrad(lr=0.3),
+        dtype=torch.float64,
+        init_std=0.5,
+        exchange=exchange,
     )
 
 
-def test_lookup_pools_every_mode_like_dense_tables():
-    tables = _collection()
-    features = _features(0)
-    with torch.no_grad():
-        pooled = tables(features)
-    expected = _dense_lookup(features, {t.name: tables.gather_full(t.name) for t in TABLES})
-    assert pooled.keys() == expected.keys()
-    for name in expected:
-        torch.testing.assert_close(pooled[name], expected[name], rtol=0, atol=1e-12)
+def _loss(pooled: dict[str, torch.Tensor]) -> torch.Tensor:
+    return sum((v * torch.arange(v.numel(), dtype=v.dtype).view_as(v)).sum() for v in pooled.values())
 
 
-def test_two_lookups_before_one_update_apply_the_summed_gradient_once():
+@pytest.mark.parametrize("exchange,tables", EXCHANGES)
+def test_lookup_pools_every_mode_like_dense_tables(exchange, tables):
+    collection = _collection(exchange, tables)
+    assert collection.pooled_exchange == (exchange == "pooled")
+    # The second batch lacks one of table a's two features: its partial sums are never read.
+    without_a2 = {k: v for k, v in _features(9, tables).split().items() if k != "a2"}
+    for features in (_features(0, tables), JaggedFeatures.from_dict(without_a2)):
+        with torch.no_grad():
+            pooled = collection(features)
+        expected = _dense_lookup(features, {t.name: collection.gather_full(t.name) for t in tables})
+        assert pooled.keys() == expected.keys()
+        for name in expected:
+            torch.testing.assert_close(pooled[name], expected[name], rtol=0, atol=1e-12)
+
+
+def test_auto_exchange_pools_on_the_owner_only_when_every_table_pools():
+    assert _collection("auto", POOLING_TABLES).pooled_exchange
+    assert not _collection("auto", TABLES).pooled_exchange
+    with pytest.raises(ConfigError, match=r"^exchange='pooled' .* table\(s\) c have pooling='none'"):
+        _collection("pooled", TABLES)
+    with pytest.raises(ConfigError, match=r"^unknown embedding exchange 'fast'"):
+        _collection("fast", TABLES)
+
+
+@pytest.mark.parametrize("exchange,tables", EXCHANGES)
+def test_two_lookups_before_one_update_apply_the_summed_gradient_once(exchange, tables):
     """Accumulation: Adagrad's state makes 'once with the sum' differ from 'twice' (the control)."""
-    first, second = _features(1), _features(2)
+    first, second = _features(1, tables), _features(2, tables)
+    collection = _collection(exchange, tables)
+    (_loss(collection(first)) + _loss(collection(second))).backward()
+    collection.apply_sparse_updates()
 
-    def loss(pooled):
-        return sum((v * torch.arange(v.numel(), dtype=v.dtype).view_as(v)).sum() for v in pooled.values())
-
-    tables = _collection()
-    (loss(tables(first)) + loss(tables(second))).backward()
-    tables.apply_sparse_updates()
-
-    dense = {t.name: nn.Parameter(_collection().gather_full(t.name)) for t in TABLES}
+    dense = {t.name: nn.Parameter(_collection(exchange, tables).gather_full(t.name)) for t in tables}
     reference = torch.optim.Adagrad(dense.values(), lr=0.3)
-    (loss(_dense_lookup(first, dense)) + loss(_dense_lookup(second, dense))).backward()
+    (_loss(_dense_lookup(first, dense)) + _loss(_dense_lookup(second, dense))).backward()
     reference.step()
-    for t in TABLES:
-        torch.testing.assert_close(tables.gather_full(t.name), dense[t.name].detach(), rtol=0, atol=1e-12)
+    for t in tables:
+        torch.testing.assert_close(collection.gather_full(t.name), dense[t.name].detach(), rtol=0, atol=1e-12)
 
     # Negative control: an update after each lookup moves the shared rows differently.
-    twice = _collection()
+    twice = _collection(exchange, tables)
     for features in (first, second):
-        loss(twice(features)).backward()
+        _loss(twice(features)).backward()
         twice.apply_sparse_updates()
-    assert max((twice.gather_full(t.name) - tables.gather_full(t.name)).abs().max() for t in TABLES) > 1e-3
+    assert (
+        max((twice.gather_full(t.name) - collection.gather_full(t.name)).abs().max() for t in tables) > 1e-3
+    )
 
 
-def test_a_lookup_and_its_update_are_four_collectives_whatever_the_table_count(monkeypatch):
+@pytest.mark.parametrize("exchange,tables", EXCHANGES)
+def test_sgd_adds_each_gradient_straight_into_the_shard_with_dense_sgd_results(exchange, tables):
+    """SGD is linear in the gradient: the lookup is fused (no owner dedup, no per-row sum) and
+    still equals dense SGD, including two lookups before one update."""
+    collection = _collection(exchange, tables, RowWiseSGD(lr=0.3))
+    assert collection.fused_updates(1) and not collection.fused_updates(2)
+    first, second = _features(3, tables), _features(4, tables)
+    dense = {t.name: nn.Parameter(collection.gather_full(t.name)) for t in tables}
+    reference = torch.optim.SGD(dense.values(), lr=0.3)
+    for batches in ([first], [first, second]):
+        sum(_loss(collection(f)) for f in batches).backward()
+        collection.apply_sparse_updates()
+        reference.zero_grad()
+        sum(_loss(_dense_lookup(f, dense)) for f in batches).backward()
+        reference.step()
+    for t in tables:
+        torch.testing.assert_close(collection.gather_full(t.name), dense[t.name].detach(), rtol=0, atol=1e-12)
+        assert collection.stores[t.name].step == 2
+    assert (dense["a"].detach() - _collection(exchange, tables).gather_full("a")).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("sharding", ["range", "cyclic"])
+def test_every_key_finds_its_owner_and_slot_with_empty_shards(sharding):
+    """The flat key space's owner lookup against the sharding rule, tables smaller than the world."""
+    small = [EmbeddingTableConfig(name, num_rows=n, dim=2) for name, n in (("x", 2), ("y", 5), ("z", 9))]
+    for rank in range(4):
+        collection = ShardedEmbeddingCollection(small, sharding=sharding)
+        collection.shard(rank, 4)
+        space = collection.key_space
+        for t, table in enumerate(small):
+            ids = torch.arange(table.num_rows)
+            rule = collection.rules[table.name]
+            owner, slot = space.owner_slot(ids + space.offsets[t], torch.full_like(ids, t))
+            assert owner.tolist() == rule.owner(ids).tolist()
+            assert slot.tolist() == (space.local_offsets[owner, t] + rule.local_index(ids)).tolist()
+
+
+@pytest.mark.parametrize("exchange,tables", EXCHANGES)
+def test_a_lookup_and_its_update_are_four_collectives_whatever_the_table_count(monkeypatch, exchange, tables):
     calls: list[str] = []
     real_counts, real_a2a = dataplane.exchange_counts, dataplane.all_to_all_uneven
 
@@ -110,9 +172,9 @@ def test_a_lookup_and_its_update_are_four_collectives_whatever_the_table_count(m
 
     monkeypatch.setattr(dataplane, "exchange_counts", counts)
     monkeypatch.setattr(dataplane, "all_to_all_uneven", a2a)
-    tables = _collection()
-    sum(v.sum() for v in tables(_features(3)).values()).backward()
-    tables.apply_sparse_updates()
+    collection = _collection(exchange, tables)
+    sum(v.sum() for v in collection(_features(3, tables)).values()).backward()
+    collection.apply_sparse_updates()
     assert calls == ["counts", "keys", "rows", "grads"]
 
 

@@ -50,6 +50,20 @@ RUNS = [
         "copy",
     ),
     ("nested-adam-copy", {"mode": "nested", "micro_batches": 4, **GUARD}, "adam", "copy"),
+    # SGD: sync and dbp add gradients straight into the shards (fused); nested must hold them back.
+    ("sync-sgd", {"mode": "sync", **GUARD}, "sgd"),
+    ("dbp-sgd", {"mode": "dbp", **GUARD}, "sgd"),
+    ("nested-sgd", {"mode": "nested", "micro_batches": 4, **GUARD}, "sgd"),
+    ("sync-sgd-copy", {"mode": "sync", **GUARD}, "sgd", "copy"),
+    # The rows exchange (unique rows to the requester) against the default pooled one.
+    ("sync-rows", {"mode": "sync", **GUARD}, "adagrad", "rows"),
+    (
+        "nested-4-rows",
+        {"mode": "nested", "micro_batches": 4, "clustering": "signature", **GUARD},
+        "adagrad",
+        "rows",
+    ),
+    ("nested-4-copy-rows", {"mode": "nested", "micro_batches": 4, **GUARD}, "adagrad", "copy", "rows"),
     # negative controls
     ("nested-no-copy", {"mode": "nested", "micro_batches": 4, "dual_buffer_copy": False}, "adagrad", "copy"),
     ("dbp-no-writeback-order", {"mode": "dbp", "writeback_ordering": False}, "adagrad", "copy"),
@@ -72,7 +86,12 @@ def _max_diff(a: dict, b: dict) -> dict[str, float]:
     return {k: (a[k] - b[k]).abs().max().item() for k in a}
 
 
-EXACT = [run[0] for run in RUNS if run[0] not in ("sync", "sync-adam") and "no-" not in run[0]]
+REFERENCES = ("sync", "sync-adam", "sync-sgd")
+EXACT = [run[0] for run in RUNS if run[0] not in REFERENCES and "no-" not in run[0]]
+
+
+def _reference(label: str) -> str:
+    return "sync-adam" if "adam" in label else "sync-sgd" if "sgd" in label else "sync"
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -80,7 +99,7 @@ def test_every_schedule_matches_sync(world_size, tmp_path_factory):
     results = _results(world_size, tmp_path_factory)
     failures = {}
     for label in EXACT:
-        reference = results["sync-adam" if "adam" in label else "sync"]
+        reference = results[_reference(label)]
         diffs = _max_diff(results[label], reference)
         if max(diffs.values()) > TOLERANCE:
             failures[label] = {k: v for k, v in diffs.items() if v > TOLERANCE}

@@ -1,6 +1,7 @@
 """The promise: sharded training over W processes gives the parameters of plain synchronous
 training, row for row. 2 and 3 gloo ranks, float64, 24 steps, SGD / Adagrad / Adam, uneven shards,
-duplicate ids, both sharding rules — and a negative control that must *fail* to match."""
+duplicate ids, both sharding rules, both exchanges (pooled partial sums, the default for pooling
+tables, and unique rows) — and a negative control that must *fail* to match."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from sharded_reference import train_reference, train_sharded_worker
 STEPS = 24
 
 
-def _run_sharded(tmp_path, world_size, optimizer, sharding, grad_scale="world"):
+def _run_sharded(tmp_path, world_size, optimizer, sharding, grad_scale="world", exchange="auto"):
     out = tmp_path / "sharded.pt"
-    args = (world_size, optimizer, STEPS, sharding, str(tmp_path / "pg"), str(out), grad_scale)
+    args = (world_size, optimizer, STEPS, sharding, str(tmp_path / "pg"), str(out), grad_scale, exchange)
     mp.spawn(train_sharded_worker, args=args, nprocs=world_size, join=True)
     return torch.load(out)
 
@@ -26,17 +27,19 @@ def _max_diff(a: dict, b: dict) -> dict[str, float]:
 
 
 @pytest.mark.parametrize(
-    "world_size,optimizer,sharding",
+    "world_size,optimizer,sharding,exchange",
     [
-        (2, "sgd", "range"),
-        (2, "adagrad", "cyclic"),
-        (2, "adam", "range"),
-        (3, "adam", "cyclic"),
-        (3, "adagrad", "range"),
+        (2, "sgd", "range", "auto"),  # pooled partial sums, gradients added straight into the shards
+        (2, "adagrad", "cyclic", "auto"),
+        (2, "adam", "range", "auto"),
+        (3, "adam", "cyclic", "auto"),
+        (3, "adagrad", "range", "auto"),
+        (2, "sgd", "range", "rows"),  # unique rows to the requester, pooled there
+        (3, "adagrad", "cyclic", "rows"),
     ],
 )
-def test_sharded_matches_single_process_reference(tmp_path, world_size, optimizer, sharding):
-    sharded = _run_sharded(tmp_path, world_size, optimizer, sharding)
+def test_sharded_matches_single_process_reference(tmp_path, world_size, optimizer, sharding, exchange):
+    sharded = _run_sharded(tmp_path, world_size, optimizer, sharding, exchange=exchange)
     reference = train_reference(optimizer, STEPS, world_size)
     diffs = _max_diff(sharded, reference)
     assert max(diffs.values()) <= 1e-10, diffs

@@ -34,10 +34,18 @@ from nestrec.sharding.rule import RowWiseSharding
 from nestrec.sharding.store import ShardStore
 from nestrec.sparse.jagged import JaggedFeatures
 
-__all__ = ["INIT_CHUNK", "STORAGE_PLACES", "LookupPlan", "ShardedEmbeddingCollection", "initial_rows"]
+__all__ = [
+    "EXCHANGES",
+    "INIT_CHUNK",
+    "STORAGE_PLACES",
+    "LookupPlan",
+    "ShardedEmbeddingCollection",
+    "initial_rows",
+]
 
 INIT_CHUNK = 65_536
 STORAGE_PLACES = ("host", "device")
+EXCHANGES = ("auto", "pooled", "rows")
 
 
 def initial_rows(
@@ -88,6 +96,12 @@ class ShardedEmbeddingCollection(nn.Module):
             the table name over the *whole* table, so every world size starts from the same values.
         grad_scale: ``"world"`` divides summed gradients by the world size (global-mean loss
             semantics, like TorchRec and DDP); a float multiplies by that.
+        exchange: what the lookup's All2All carries back to the requester. ``rows``: the unique
+            rows it asked for, pooled on the requester (any pooling; what the pipelines' row
+            buffers were first built around). ``pooled``: each owner sums its rows of every bag and
+            sends one partial sum per (feature, sample) — TorchRec's row-wise choice; fewer bytes
+            and no requester-side dedup, for ``sum`` / ``mean`` tables only. ``auto`` (default):
+            ``pooled`` when every table pools, else ``rows``. Both give the same parameters.
     """
 
     def __init__(
@@ -99,6 +113,7 @@ class ShardedEmbeddingCollection(nn.Module):
         init_std: float = 0.01,
         seed: int = 0,
         grad_scale: str | float = "world",
+        exchange: str = "auto",
     ):
         super().__init__()
         names = [t.name for t in tables]
@@ -108,6 +123,18 @@ class ShardedEmbeddingCollection(nn.Module):
         if len(set(features)) != len(features):
             raise ConfigError(f"a feature is assigned to more than one table: {features}")
         self.tables = list(tables)
+        if exchange not in EXCHANGES:
+            raise ConfigError(
+                f"unknown embedding exchange {exchange!r}; expected one of {', '.join(EXCHANGES)}"
+            )
+        unpooled = [t.name for t in self.tables if t.pooling not in ("sum", "mean")]
+        if exchange == "pooled" and unpooled:
+            raise ConfigError(
+                f"exchange='pooled' sums rows on their owner, but table(s) {', '.join(unpooled)} have "
+                "pooling='none': use exchange='rows' or 'auto'"
+            )
+        self.exchange = exchange
+        self.pooled_exchange = exchange == "pooled" or (exchange == "auto" and not unpooled)
         self.optimizer = optimizer or RowWiseSGD()
         self.sharding_mode = sharding
         self.dtype = dtype
@@ -198,6 +225,18 @@ class ShardedEmbeddingCollection(nn.Module):
         """Whether the shard stores can serve as a batch's working rows (they sit on the compute
         device); otherwise every lookup copies its rows into a device buffer and writes them back."""
         return self.store_device == self._device
+
+    def fused_updates(self, micro_batches: int) -> bool:
+        """Whether a lookup of ``micro_batches`` micro-batches adds each gradient straight into the
+        shard as it arrives (no per-row gradient sum, no dedup on the owner).
+
+        Exact when the stores are the working rows (:attr:`direct_buffers`), the row-wise step is
+        linear in the gradient (:meth:`RowWiseOptimizer.gradient_multiplier`, SGD) and no forward of
+        the same batch reads the rows after the first gradient lands (one micro-batch: with more,
+        the frozen window needs the update held back until every micro-batch has fetched).
+        """
+        linear = self.optimizer.gradient_multiplier() is not None
+        return self.direct_buffers and micro_batches == 1 and linear
 
     def initial_rows(self, table: EmbeddingTableConfig, global_ids: torch.Tensor) -> torch.Tensor:
         """Initial values of the given rows (see :func:`initial_rows`)."""

@@ -59,6 +59,8 @@ __all__ = [
     "FeatureBags",
     "KeySpace",
     "MicroRoute",
+    "PooledBags",
+    "PooledOutput",
     "ReconcilePlan",
     "RowBuffer",
     "apply_update",
@@ -84,31 +86,43 @@ class KeySpace:
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), rows.cumsum(0)])
         self.cyclic = collection.sharding_mode == "cyclic"
         self.world = world
-        self.base, self.extra = rows // world, rows % world
         sizes = torch.tensor(
             [[collection.rules[t.name].shard_size(r) for t in tables] for r in range(world)], dtype=torch.long
         )
         # local_offsets[r, t]: where table t's shard starts in rank r's concatenated local slots
         self.local_offsets = torch.cat([torch.zeros(world, 1, dtype=torch.long), sizes.cumsum(1)], 1)
         self.rank_local_offsets = self.local_offsets[collection.rank]
+        if not self.cyclic:
+            # Range sharding makes every (table, rank) shard one interval of the flat key space, so
+            # a key's owner is one ``searchsorted`` over the T * world interval starts (empty shards
+            # sit before the next table's first, so the search lands on the shard that holds the key).
+            starts = self.offsets[:-1, None] + torch.cat(
+                [torch.zeros(len(tables), 1, dtype=torch.long), sizes.t().cumsum(1)[:, :-1]], 1
+            )
+            self.shard_starts = starts.reshape(-1)
+            self.shard_owner = torch.arange(world).repeat(len(tables))
+            self.shard_delta = self.local_offsets[:, :-1].t().reshape(-1) - self.shard_starts
         self.feature_index = {f: i for i, t in enumerate(tables) for f in t.features}
         self.feature_table = {f: t for t in tables for f in t.features}
+        # Pooled exchange: every feature has a slot in a table-major order that every rank knows
+        # from the config, so owners can lay out partial sums without being told feature names.
+        self.table_features = [len(t.features) for t in tables]
+        self.feature_starts = [0, *torch.tensor(self.table_features).cumsum(0).tolist()]
+        self.feature_slot = {
+            f: self.feature_starts[i] + j for i, t in enumerate(tables) for j, f in enumerate(t.features)
+        }
+        self.num_features = self.feature_starts[-1]
 
     def table_of(self, keys: torch.Tensor) -> torch.Tensor:
         return torch.searchsorted(self.offsets, keys, right=True) - 1
 
     def owner_slot(self, keys: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Owner rank of each key and its slot in the owner's concatenated local shards."""
+        if not self.cyclic:
+            shard = torch.searchsorted(self.shard_starts, keys, right=True) - 1
+            return self.shard_owner[shard], keys + self.shard_delta[shard]
         ids = keys - self.offsets[table]
-        if self.cyclic:
-            owner, local = ids % self.world, ids // self.world
-        else:
-            base, extra = self.base[table], self.extra[table]
-            boundary = extra * (base + 1)  # rows below this sit in the larger, first `extra` blocks
-            owner = torch.where(
-                ids < boundary, ids // (base + 1), extra + (ids - boundary) // base.clamp(min=1)
-            )
-            local = ids - (owner * base + torch.minimum(owner, extra))
+        owner, local = ids % self.world, ids // self.world
         return owner, self.local_offsets[owner, table] + local
 
 
@@ -126,18 +140,49 @@ class FeatureBags:
 
 
 @dataclass
-class MicroRoute:
-    """One micro-batch's route for every table, from both sides of the All2All."""
+class PooledOutput:
+    """Requester, pooled exchange: one feature's pooled output out of its table's partial sums."""
 
-    features: list[FeatureBags]  # requester: how to pool the fetched rows
+    name: str
+    table: int
+    position: int  # the feature's place among its table's features
+    lengths: torch.Tensor  # ids per sample over all owners (the mean's divisor; compute device)
+    pooling: str
+
+
+@dataclass
+class PooledBags:
+    """Owner, pooled exchange, one table: the bags its received ids form, per requester, feature, sample."""
+
+    offsets: torch.Tensor  # start of each bag in ``served`` (compute device)
+    bag: torch.Tensor  # each received id -> its bag (the backward's gather index)
+
+
+@dataclass
+class MicroRoute:
+    """One micro-batch's route for every table, from both sides of the All2All.
+
+    Rows exchange: owners send each requester its unique rows (``fetch_counts`` = ids asked,
+    ``serve_counts`` = ids served) and the requester pools them (``features``). Pooled exchange:
+    owners pool their part of every bag and send partial sums, one row per (feature, sample)
+    (``outputs`` on the requester, ``bags`` on the owner).
+    """
+
+    features: list[FeatureBags]  # requester, rows exchange: how to pool the fetched rows
     send_counts: list[list[int]]  # requester, per table: ids asked of each owner
     recv_counts: list[list[int]]  # owner, per table: ids each requester asked for
     served: list[torch.Tensor]  # owner, per table: buffer slot of every received id (compute device)
+    fetch_counts: list[list[int]]  # requester, per table: rows (or partial sums) from each owner
+    serve_counts: list[list[int]]  # owner, per table: rows (or partial sums) to each requester
+    outputs: list[PooledOutput] = field(default_factory=list)
+    bags: list[PooledBags] | None = None  # pooled exchange only
 
 
 @dataclass
 class BatchRoute:
-    keys: list[torch.Tensor]  # owner, per table: sorted local rows the whole batch touches (host)
+    # owner, per table: sorted local rows the whole batch touches (host); ``None`` for a fused
+    # lookup (``ShardedEmbeddingCollection.fused_updates``), whose ``served`` index the shard itself
+    keys: list[torch.Tensor] | None
     micro: list[MicroRoute]
 
 
@@ -158,6 +203,10 @@ class RowBuffer:
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
     direct: bool = False
     store_keys: dict[str, torch.Tensor] = field(default_factory=dict)  # ``keys`` on the store's device
+    # The update lands as the gradients arrive (``return_grads``), not in ``apply_update``, and
+    # ``served`` indexes the shard itself (no keys, no gradient rows): the route was built for
+    # ``ShardedEmbeddingCollection.fused_updates`` — TorchRec's fused backward, the same maths.
+    fused: bool = False
 
 
 def _check_sharded(collection: ShardedEmbeddingCollection) -> None:
@@ -198,23 +247,32 @@ def _check_ids(space: KeySpace, features: JaggedFeatures, per_feature: torch.Ten
 
 @dataclass
 class _RequesterSide:
-    """One micro-batch deduplicated over all tables, before the key All2All."""
+    """One micro-batch's keys over all tables, before the key All2All.
 
-    bags: list[FeatureBags]
-    table: torch.Tensor  # table of each unique key
-    owner: torch.Tensor  # owner rank of each unique key
+    Rows exchange: the batch's *unique* keys (``bags`` says how to pool the rows that come back).
+    Pooled exchange: every id, with its feature slot and sample, since the owner pools the bags.
+    """
+
+    table: torch.Tensor  # table of each key
+    owner: torch.Tensor  # owner rank of each key
     slot: torch.Tensor  # its slot in the owner's concatenated local shards
+    bags: list[FeatureBags] = field(default_factory=list)
+    outputs: list[PooledOutput] = field(default_factory=list)
+    feature: torch.Tensor | None = None  # pooled: each id's feature slot (``KeySpace.feature_slot``)
+    sample: torch.Tensor | None = None  # pooled: each id's sample
+    size: int = 0  # samples in the micro-batch
     error: str | None = None  # bad input: this side asks for nothing and the route fails everywhere
 
 
-def _failed_side(error: str) -> _RequesterSide:
+def _failed_side(error: str, pooled: bool) -> _RequesterSide:
     empty = torch.zeros(0, dtype=torch.long)
-    return _RequesterSide([], empty, empty, empty, error)
+    extra = (empty, empty) if pooled else (None, None)
+    return _RequesterSide(empty, empty, empty, feature=extra[0], sample=extra[1], error=error)
 
 
 def _requester_side(collection: ShardedEmbeddingCollection, features: JaggedFeatures) -> _RequesterSide:
-    """Dedup one micro-batch over all tables; owner and owner slot of every unique key."""
-    space = collection.key_space
+    """Owner and owner slot of one micro-batch's keys, all tables in one vectorised pass."""
+    space, pooled = collection.key_space, collection.pooled_exchange
     features = features.to("cpu")
     num_features = len(features.keys)
     per_key = features.lengths.view(num_features, -1) if num_features else features.lengths.view(0, 0)
@@ -222,7 +280,28 @@ def _requester_side(collection: ShardedEmbeddingCollection, features: JaggedFeat
     try:
         table = _check_ids(space, features, per_feature)
     except UserInputError as err:
-        return _failed_side(str(err))
+        return _failed_side(str(err), pooled)
+    device = collection.compute_device
+    if pooled:
+        # No dedup here: the owner pools each bag's rows itself, so it needs every id and its bag.
+        size = features.batch_size
+        owner, slot = space.owner_slot(features.values + space.offsets[table], table)
+        slots_of = torch.tensor([space.feature_slot[k] for k in features.keys], dtype=torch.long)
+        feature = torch.repeat_interleave(slots_of, per_feature, output_size=len(table))
+        sample = torch.repeat_interleave(
+            torch.arange(size).repeat(num_features), per_key.reshape(-1), output_size=len(table)
+        )
+        outputs = [
+            PooledOutput(
+                name=name,
+                table=space.feature_index[name],
+                position=space.feature_slot[name] - space.feature_starts[space.feature_index[name]],
+                lengths=per_key[f].to(device, non_blocking=True),
+                pooling=collection.tables[space.feature_index[name]].pooling,
+            )
+            for f, name in enumerate(features.keys)
+        ]
+        return _RequesterSide(table, owner, slot, outputs=outputs, feature=feature, sample=sample, size=size)
     unique, inverse = torch.unique(features.values + space.offsets[table], sorted=True, return_inverse=True)
     unique_table = space.table_of(unique)
     owner, slot = space.owner_slot(unique, unique_table)
@@ -236,7 +315,6 @@ def _requester_side(collection: ShardedEmbeddingCollection, features: JaggedFeat
     position[by_table_owner] = torch.arange(len(unique))
     slots_of_ids = position[inverse]
     bags, begin = [], 0
-    device = collection.compute_device
 
     def to_device(t: torch.Tensor) -> torch.Tensor:
         return t.to(device, non_blocking=True)
@@ -258,17 +336,18 @@ def _requester_side(collection: ShardedEmbeddingCollection, features: JaggedFeat
             )
         )
         begin += count
-    return _RequesterSide(bags, unique_table, owner, slot)
+    return _RequesterSide(unique_table, owner, slot, bags=bags, size=features.batch_size)
 
 
 def route_keys(
     collection: ShardedEmbeddingCollection, micro_features: list[JaggedFeatures], group=None
 ) -> BatchRoute:
-    """Stage 3: route every micro-batch's unique keys of every table to their owners (two collectives)."""
+    """Stage 3: route every micro-batch's keys of every table to their owners (two collectives)."""
     _check_sharded(collection)
-    space = collection.key_space
+    space, pooled = collection.key_space, collection.pooled_exchange
     world, num_micro, num_tables = space.world, len(micro_features), len(space.names)
     sides = [_requester_side(collection, f) for f in micro_features]
+    sizes = [s.size for s in sides]
     # Payload layout: owner-major, then micro-batch, then table, then id — one All2All carries all.
     tables = torch.cat([s.table for s in sides])
     owners = torch.cat([s.owner for s in sides])
@@ -277,14 +356,44 @@ def route_keys(
         torch.arange(num_micro), torch.tensor([len(s.table) for s in sides], dtype=torch.long)
     )
     bucket = (owners * num_micro + micro_of) * num_tables + tables
-    send = slots[torch.argsort(bucket, stable=True)]
     counts = torch.bincount(bucket, minlength=world * num_micro * num_tables)
+    per_owner = counts.view(world, -1).sum(1)
+    if pooled:
+        # Ids sorted by (owner, micro-batch, feature slot) keep each bag's ids together in sample
+        # order; a feature slot orders its table too. Each owner first gets the bag lengths of every
+        # (micro-batch, feature slot, sample), then the ids.
+        feature = torch.cat([s.feature for s in sides])
+        order = torch.argsort((owners * num_micro + micro_of) * space.num_features + feature, stable=True)
+        base = torch.tensor([0, *sizes], dtype=torch.long).cumsum(0)[:-1] * space.num_features
+        block = space.num_features * sum(sizes)
+        sizes_t = torch.tensor(sizes, dtype=torch.long)
+        bag_index = (
+            owners * block
+            + base[micro_of]
+            + feature * sizes_t[micro_of]
+            + torch.cat([s.sample for s in sides])
+        )
+        lengths = torch.bincount(bag_index, minlength=world * block).view(world, block)
+        pieces = slots[order].split(per_owner.tolist())
+        send = torch.cat([part for r in range(world) for part in (lengths[r], pieces[r])])
+        send_sizes = (per_owner + block).tolist()
+    else:
+        send = slots[torch.argsort(bucket, stable=True)]
+        send_sizes = per_owner.tolist()
     kdev = collection.key_device  # host for gloo; the split sizes are host values either way
     # One extra count per destination carries "my input is bad": a rank that raised alone would
     # leave its peers waiting in the next collective forever, so every rank learns and raises here.
+    # The micro-batch sizes ride along (the pooled exchange lays out one partial sum per sample).
     errors = [side.error for side in sides if side.error]
-    flagged = torch.cat([counts.view(world, -1), torch.full((world, 1), int(bool(errors)))], 1)
-    received = exchange_counts(flagged.reshape(-1).to(kdev), group).cpu().view(world, -1)
+    header = torch.cat(
+        [
+            counts.view(world, -1),
+            torch.tensor(sizes, dtype=torch.long).expand(world, num_micro),
+            torch.full((world, 1), int(bool(errors))),
+        ],
+        1,
+    )
+    received = exchange_counts(header.reshape(-1).to(kdev), group).cpu().view(world, -1)
     if errors or bool(received[:, -1].any()):
         if errors:
             raise UserInputError(errors[0])
@@ -293,38 +402,95 @@ def route_keys(
             f"rank(s) {', '.join(map(str, bad))} received invalid sparse features (their error names the "
             "feature and id); stopping this rank too, so no rank waits for the others"
         )
-    recv = received[:, :-1].reshape(-1)
+    recv = received[:, : num_micro * num_tables].reshape(-1)
+    peer_sizes = received[:, num_micro * num_tables : -1]  # [source, micro-batch]
+    recv_per_source = recv.view(world, -1).sum(1)
+    peer_block = peer_sizes.sum(1) * space.num_features if pooled else torch.zeros(world, dtype=torch.long)
     counts_l = counts.view(world, num_micro, num_tables).tolist()
     recv_l = recv.view(world, num_micro, num_tables).tolist()
     requested = all_to_all_uneven(
-        send.to(kdev),
-        counts.view(world, -1).sum(1).tolist(),
-        recv.view(world, -1).sum(1).tolist(),
-        group,
-        "keys",
+        send.to(kdev), send_sizes, (recv_per_source + peer_block).tolist(), group, "keys"
     ).cpu()
-    # Owner: the batch's rows on this shard, deduplicated over every requester and micro-batch.
-    keys, served = torch.unique(requested, sorted=True, return_inverse=True)
-    bounds = torch.searchsorted(keys, space.rank_local_offsets).tolist()
-    local_keys = [keys[bounds[t] : bounds[t + 1]] - space.rank_local_offsets[t] for t in range(num_tables)]
+    peer_lengths: list[torch.Tensor] = []
+    if pooled:
+        split = requested.split(
+            [n for s in range(world) for n in (int(peer_block[s]), int(recv_per_source[s]))]
+        )
+        peer_lengths, requested = list(split[0::2]), torch.cat(split[1::2])
+    if collection.fused_updates(num_micro):
+        # Nothing is gathered, summed per row or written back: the shard serves and takes each
+        # gradient itself, so a received key's row in its table's shard is the whole route.
+        local_keys, bounds, served = None, space.rank_local_offsets.tolist(), requested
+    else:
+        # Owner: the batch's rows on this shard, deduplicated over every requester and micro-batch.
+        keys, served = torch.unique(requested, sorted=True, return_inverse=True)
+        bounds = torch.searchsorted(keys, space.rank_local_offsets).tolist()
+        local_keys = [
+            keys[bounds[t] : bounds[t + 1]] - space.rank_local_offsets[t] for t in range(num_tables)
+        ]
     chunks = served.split(recv.tolist())  # source-major, micro-batch, table
+    device = collection.compute_device
     micro = []
     for i, side in enumerate(sides):
+        send_counts = [[counts_l[r][i][t] for r in range(world)] for t in range(num_tables)]
+        recv_counts = [[recv_l[s][i][t] for s in range(world)] for t in range(num_tables)]
+        served_i = [
+            torch.cat([chunks[(s * num_micro + i) * num_tables + t] for s in range(world)]) - bounds[t]
+            for t in range(num_tables)
+        ]
+        if pooled:
+            bags, serve_counts = _owner_bags(space, i, peer_sizes, peer_lengths, served_i, device)
+            fetch_counts = [[space.table_features[t] * sizes[i]] * world for t in range(num_tables)]
+        else:
+            bags, serve_counts, fetch_counts = None, recv_counts, send_counts
         micro.append(
             MicroRoute(
                 features=side.bags,
-                send_counts=[[counts_l[r][i][t] for r in range(world)] for t in range(num_tables)],
-                recv_counts=[[recv_l[s][i][t] for s in range(world)] for t in range(num_tables)],
-                served=[
-                    (
-                        torch.cat([chunks[(s * num_micro + i) * num_tables + t] for s in range(world)])
-                        - bounds[t]
-                    ).to(collection.compute_device, non_blocking=True)
-                    for t in range(num_tables)
-                ],
+                send_counts=send_counts,
+                recv_counts=recv_counts,
+                served=[x.to(device, non_blocking=True) for x in served_i],
+                fetch_counts=fetch_counts,
+                serve_counts=serve_counts,
+                outputs=side.outputs,
+                bags=bags,
             )
         )
     return BatchRoute(local_keys, micro)
+
+
+def _owner_bags(
+    space: KeySpace,
+    micro: int,
+    peer_sizes: torch.Tensor,
+    peer_lengths: list[torch.Tensor],
+    served: list[torch.Tensor],
+    device: torch.device,
+) -> tuple[list[PooledBags], list[list[int]]]:
+    """Owner, pooled exchange: the bags of micro-batch ``micro`` per table, over every requester.
+
+    Bags are ordered (requester, feature, sample), which is also the order of the partial sums
+    sent back, so the forward is one ``embedding_bag`` per table and the backward one gather.
+    """
+    world = len(peer_lengths)
+    bags, serve_counts = [], []
+    for t, nfeat in enumerate(space.table_features):
+        lo, hi = space.feature_starts[t], space.feature_starts[t + 1]
+        lengths = []
+        for s in range(world):
+            size = int(peer_sizes[s, micro])
+            start = space.num_features * int(peer_sizes[s, :micro].sum())
+            lengths.append(peer_lengths[s][start + lo * size : start + hi * size])
+        lengths_t = torch.cat(lengths)
+        bags.append(
+            PooledBags(
+                offsets=(torch.cumsum(lengths_t, 0) - lengths_t).to(device, non_blocking=True),
+                bag=torch.repeat_interleave(
+                    torch.arange(len(lengths_t)), lengths_t, output_size=len(served[t])
+                ).to(device, non_blocking=True),
+            )
+        )
+        serve_counts.append([nfeat * int(peer_sizes[s, micro]) for s in range(world)])
+    return bags, serve_counts
 
 
 def retrieve(collection: ShardedEmbeddingCollection, route: BatchRoute, direct: bool = False) -> RowBuffer:
@@ -332,6 +498,10 @@ def retrieve(collection: ShardedEmbeddingCollection, route: BatchRoute, direct: 
     into a buffer on the compute device (``direct``: only note which rows; the stores serve and
     take the update themselves — possible only when they sit on the compute device)."""
     direct = direct and collection.direct_buffers
+    if route.keys is None:
+        if not direct:
+            raise ValueError("a fused route (no keys) can only be served directly by the shard stores")
+        return RowBuffer({}, {}, {}, direct=True, fused=True)
     device = collection.compute_device
     buffer = RowBuffer({}, {}, {}, direct=direct)
     for table, keys in zip(collection.tables, route.keys):
@@ -355,6 +525,10 @@ def merge_buffers(collection: ShardedEmbeddingCollection, buffers: list[RowBuffe
     """
     if not all(b.direct for b in buffers):
         raise ValueError("merge_buffers merges direct buffers only (a copy buffer holds rows of its own)")
+    if all(b.fused for b in buffers):  # every lookup's update has landed already
+        return RowBuffer({}, {}, {}, direct=True, fused=True)
+    if any(b.fused for b in buffers):
+        raise ValueError("merge_buffers cannot merge fused and unfused buffers")
     merged = RowBuffer({}, {}, {}, direct=True)
     for table in collection.tables:
         name = table.name
@@ -446,30 +620,54 @@ def _fused_all_to_all(
 def send_rows(
     collection: ShardedEmbeddingCollection, buffer: RowBuffer, route: BatchRoute, micro: int, group=None
 ) -> dict[str, torch.Tensor]:
-    """Stage 5 forward All2All: owners serve micro-batch ``micro``'s rows from the buffer.
+    """Stage 5 forward All2All: owners serve micro-batch ``micro`` from the buffer.
 
-    Returns, per table, the requester's unique rows grouped by owner (what ``FeatureBags.slots``
-    index).
+    Rows exchange: returns, per table, the requester's unique rows grouped by owner (what
+    ``FeatureBags.slots`` index). Pooled exchange: each owner sums its rows of every bag first and
+    the requester gets, per table, every owner's partial sums, ``[owner, feature, sample]`` flat.
     """
     names = [t.name for t in collection.tables]
     r = route.micro[micro]
     comm_device, device = collection.comm_device, collection.compute_device
+    if r.bags is None:
+        payloads = [_served_rows(collection, buffer, n, served) for n, served in zip(names, r.served)]
+    else:
+        payloads = [
+            _partial_sums(collection, buffer, n, served, bags)
+            for n, served, bags in zip(names, r.served, r.bags)
+        ]
     returned = _fused_all_to_all(
-        [_served_rows(collection, buffer, n, served).to(comm_device) for n, served in zip(names, r.served)],
-        r.recv_counts,
-        r.send_counts,
-        group,
-        "rows",
+        [p.to(comm_device) for p in payloads], r.serve_counts, r.fetch_counts, group, "rows"
     )
     return {n: rows.to(device, non_blocking=True) for n, rows in zip(names, returned)}
+
+
+def _store_index(buffer: RowBuffer, name: str, served: torch.Tensor) -> torch.Tensor:
+    """Rows of the shard store behind ``served`` positions of a direct buffer."""
+    return served if buffer.fused else buffer.store_keys[name][served]
 
 
 def _served_rows(
     collection: ShardedEmbeddingCollection, buffer: RowBuffer, name: str, served: torch.Tensor
 ) -> torch.Tensor:
     if buffer.direct:
-        return collection.stores[name].weight.index_select(0, buffer.store_keys[name][served])
+        return collection.stores[name].weight.index_select(0, _store_index(buffer, name, served))
     return buffer.rows[name].index_select(0, served)
+
+
+def _partial_sums(
+    collection: ShardedEmbeddingCollection,
+    buffer: RowBuffer,
+    name: str,
+    served: torch.Tensor,
+    bags: PooledBags,
+) -> torch.Tensor:
+    """One ``embedding_bag`` straight over the shard (direct) or the buffer: no row is copied."""
+    if buffer.direct:
+        return F.embedding_bag(
+            _store_index(buffer, name, served), collection.stores[name].weight, bags.offsets, mode="sum"
+        )
+    return F.embedding_bag(served, buffer.rows[name], bags.offsets, mode="sum")
 
 
 def pool_rows(
@@ -478,12 +676,27 @@ def pool_rows(
     micro: int,
     unique_rows: dict[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """Pool the fetched unique rows per sample and feature (``pooling='none'``: one row per id)."""
+    """Pool per sample and feature what ``send_rows`` returned (``pooling='none'``: one row per id).
+
+    Rows exchange: ``embedding_bag`` over the fetched unique rows. Pooled exchange: the sum of the
+    owners' partial sums (divided by the bag length for ``mean``), plain autograd ops, so each
+    owner's partial sums get the output gradient back.
+    """
     names = [t.name for t in collection.tables]
+    r = route.micro[micro]
     out = {}
-    for bag in route.micro[micro].features:
+    for bag in r.features:
         rows = unique_rows[names[bag.table]]
         out[bag.name] = _BagLookup.apply(rows, bag)
+    if r.bags is not None:
+        world = collection.world_size
+        for o in r.outputs:
+            partials = unique_rows[names[o.table]]
+            nfeat, size = collection.key_space.table_features[o.table], len(o.lengths)
+            pooled = partials.view(world, nfeat, size, partials.shape[-1]).sum(0)[o.position]
+            if o.pooling == "mean":
+                pooled = pooled / o.lengths.clamp(min=1).unsqueeze(1).to(pooled.dtype)
+            out[o.name] = pooled
     return out
 
 
@@ -529,19 +742,31 @@ def return_grads(
     grads: dict[str, torch.Tensor],
     group=None,
 ) -> None:
-    """Stage 5 backward All2All: per-row gradients go to their owners and accumulate in the buffer."""
+    """Stage 5 backward All2All: gradients go to their owners and accumulate per row in the buffer
+    (pooled exchange: each bag's gradient is added to every row of the bag)."""
     names = [t.name for t in collection.tables]
     r = route.micro[micro]
     received = _fused_all_to_all(
         [grads[n].to(collection.comm_device) for n in names],
-        r.send_counts,
-        r.recv_counts,
+        r.fetch_counts,
+        r.serve_counts,
         group,
         "grads",
     )
-    for name, served, back in zip(names, r.served, received):
-        target = buffer.grads[name]
-        target.index_add_(0, served, back.to(target.device, target.dtype, non_blocking=True))
+    multiplier = collection.optimizer.gradient_multiplier() if buffer.fused else None
+    for t, (name, served, back) in enumerate(zip(names, r.served, received)):
+        if buffer.fused:
+            target, index = collection.stores[name].weight, served
+            # Scaled before the per-id expansion: partial-sum gradients are the smaller tensor.
+            back = back.to(target.device, target.dtype, non_blocking=True) * (
+                multiplier * _grad_scale(collection)
+            )
+        else:
+            target, index = buffer.grads[name], served
+            back = back.to(target.device, target.dtype, non_blocking=True)
+        if r.bags is not None:
+            back = back.index_select(0, r.bags[t].bag)
+        target.index_add_(0, index, back)
 
 
 def apply_update(collection: ShardedEmbeddingCollection, buffer: RowBuffer) -> None:
@@ -550,10 +775,12 @@ def apply_update(collection: ShardedEmbeddingCollection, buffer: RowBuffer) -> N
     Summed gradients are scaled by ``1 / world_size`` by default, so tables move by the gradient of
     the global mean loss, as DDP does for dense parameters.
     """
-    scale = 1.0 / collection.world_size if collection.grad_scale == "world" else float(collection.grad_scale)
+    scale = _grad_scale(collection)
     for table in collection.tables:
         store = collection.stores[table.name]
         store.step += 1
+        if buffer.fused:  # applied in ``return_grads``
+            continue
         grad = buffer.grads[table.name]
         if scale != 1.0:
             grad.mul_(scale)
@@ -563,6 +790,10 @@ def apply_update(collection: ShardedEmbeddingCollection, buffer: RowBuffer) -> N
             )
         else:
             collection.optimizer.update(buffer.rows[table.name], buffer.state[table.name], grad, store.step)
+
+
+def _grad_scale(collection: ShardedEmbeddingCollection) -> float:
+    return 1.0 / collection.world_size if collection.grad_scale == "world" else float(collection.grad_scale)
 
 
 def write_back(collection: ShardedEmbeddingCollection, buffer: RowBuffer) -> None:

@@ -33,6 +33,15 @@ class RowWiseOptimizer:
         """Update ``rows`` and ``state`` (gathered copies of the touched rows) in place."""
         raise NotImplementedError
 
+    def gradient_multiplier(self) -> float | None:
+        """``m`` when the step is ``rows += m * grad`` with no state (SGD), else ``None``.
+
+        Such a step is linear in the gradient, so the data plane may add each arriving gradient
+        straight into the shard instead of summing first (the same parameters up to float
+        summation order); stateful steps need the summed gradient and take ``update``.
+        """
+        return None
+
     def update_in_place(
         self,
         weight: torch.Tensor,
@@ -59,6 +68,9 @@ class RowWiseSGD(RowWiseOptimizer):
 
     def update(self, rows, state, grad, step) -> None:
         rows.add_(grad, alpha=-self.lr)
+
+    def gradient_multiplier(self) -> float:
+        return -self.lr
 
     def update_in_place(self, weight, state, index, grad, step) -> None:
         # One scatter-add (keys are unique). Scaling first: index_add_ with alpha is ~4x slower on CPU.

@@ -427,6 +427,12 @@ class NestPipeEngine:
         # Summed on the device; read on the host only when someone reads StepResult.loss.
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         check = self.config.check_host_sync
+        # Once the last micro-batch's backward is done the dense gradients are final: their
+        # all-reduce starts then and travels while the gradient All2All and the sparse update run —
+        # unless it shares a process group with the comm lane's gradient All2All, whose order
+        # against it would then differ between ranks (it starts after that lane drains).
+        shared_group = self.dense_group is group
+        dense: PendingMean | None = None
         with self.device_api.host_sync_guard() if check else contextlib.nullcontext():
             for i, batch in enumerate(micro):
                 if overlap:
@@ -447,20 +453,16 @@ class NestPipeEngine:
                         n: leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
                         for n, leaf in leaves.items()
                     }
+                if i == len(micro) - 1 and not (overlap and shared_group):
+                    dense = self._start_dense_all_reduce(step)
                 if overlap:
                     backward.append(self._submit("comm", "a2a_bwd", step, give_back(i, grads)))
                 else:
                     with self.timeline.span("a2a_bwd", "main", step):
                         give_back(i, grads)()
-        # The dense gradients are final: their all-reduce travels while the sparse side finishes —
-        # unless it shares a process group with the comm lane's gradient All2All, whose order
-        # against it would then differ between ranks.
-        shared_group = self.dense_group is group
-        if not (overlap and shared_group):
-            dense = self._start_dense_all_reduce(step)
         for handle in backward:
             self._wait("a2a_bwd", step, handle)
-        if overlap and shared_group:
+        if dense is None:
             dense = self._start_dense_all_reduce(step)
         with self.timeline.span("sparse_update", "main", step):
             apply_update(self.collection, buffer)

@@ -112,6 +112,9 @@ class KeySpace:
             f: self.feature_starts[i] + j for i, t in enumerate(tables) for j, f in enumerate(t.features)
         }
         self.num_features = self.feature_starts[-1]
+        self.slot_table = torch.repeat_interleave(
+            torch.arange(len(tables)), torch.tensor(self.table_features)
+        )
 
     def table_of(self, keys: torch.Tensor) -> torch.Tensor:
         return torch.searchsorted(self.offsets, keys, right=True) - 1
@@ -223,26 +226,39 @@ def _check_sharded(collection: ShardedEmbeddingCollection) -> None:
         )
 
 
-def _check_ids(space: KeySpace, features: JaggedFeatures, per_feature: torch.Tensor) -> torch.Tensor:
-    """Each id's table index; one host check for the whole batch, a named error on a bad id."""
+def _flat_keys(
+    space: KeySpace, features: JaggedFeatures, per_feature: list[int]
+) -> tuple[torch.Tensor, list[int]]:
+    """Every id as a key of the flat key space, and each feature's table; a named error on a bad id.
+
+    Each feature's ids are one contiguous run of ``values``, so the bounds check is a min and a
+    max per feature, and the key offset is one ``repeat_interleave`` of per-feature scalars.
+    """
     unknown = [k for k in features.keys if k not in space.feature_index]
     if unknown:
         raise UserInputError(
             f"feature {unknown[0]!r} has no embedding table (known: {', '.join(space.feature_index)})"
         )
-    feature_tables = torch.tensor([space.feature_index[k] for k in features.keys], dtype=torch.long)
-    table = torch.repeat_interleave(feature_tables, per_feature, output_size=features.values.numel())
-    rows = space.offsets[table + 1] - space.offsets[table]
+    tables = [space.feature_index[k] for k in features.keys]
     values = features.values
-    bad = (values < 0) | (values >= rows)
-    if bool(bad.any()):
-        at = int(bad.nonzero()[0])
-        feature = features.keys[int(torch.searchsorted(per_feature.cumsum(0), at, right=True))]
-        spec = space.feature_table[feature]
-        raise UserInputError(
-            f"feature {feature!r}: id {int(values[at])} is outside table {spec.name!r} rows [0, {spec.num_rows})"
-        )
-    return table
+    for name, run in zip(features.keys, values.split(per_feature)):
+        if run.numel():
+            low, high = torch.aminmax(run)
+            spec = space.feature_table[name]
+            if int(low) < 0 or int(high) >= spec.num_rows:
+                bad = int(low) if int(low) < 0 else int(high)
+                raise UserInputError(
+                    f"feature {name!r}: id {bad} is outside table {spec.name!r} rows [0, {spec.num_rows})"
+                )
+    start = space.offsets[torch.tensor(tables, dtype=torch.long)]
+    offsets = torch.repeat_interleave(start, torch.tensor(per_feature), output_size=values.numel())
+    return values + offsets, tables
+
+
+def _sort_order(key: torch.Tensor, bound: int) -> torch.Tensor:
+    """Stable order of small non-negative ``key`` values below ``bound`` (narrow keys sort ~2.5x faster)."""
+    narrow = torch.int16 if bound <= 2**15 else torch.int32 if bound <= 2**31 else torch.int64
+    return torch.sort(key.to(narrow), stable=True).indices
 
 
 @dataclass
@@ -278,31 +294,33 @@ def _requester_side(collection: ShardedEmbeddingCollection, features: JaggedFeat
     per_key = features.lengths.view(num_features, -1) if num_features else features.lengths.view(0, 0)
     per_feature = per_key.sum(1)
     try:
-        table = _check_ids(space, features, per_feature)
+        keys, feature_tables = _flat_keys(space, features, per_feature.tolist())
     except UserInputError as err:
         return _failed_side(str(err), pooled)
     device = collection.compute_device
     if pooled:
         # No dedup here: the owner pools each bag's rows itself, so it needs every id and its bag.
         size = features.batch_size
-        owner, slot = space.owner_slot(features.values + space.offsets[table], table)
+        table = None if not space.cyclic else space.table_of(keys)  # range sharding needs no table
+        owner, slot = space.owner_slot(keys, table)
         slots_of = torch.tensor([space.feature_slot[k] for k in features.keys], dtype=torch.long)
-        feature = torch.repeat_interleave(slots_of, per_feature, output_size=len(table))
+        feature = torch.repeat_interleave(slots_of, per_feature, output_size=len(keys))
         sample = torch.repeat_interleave(
-            torch.arange(size).repeat(num_features), per_key.reshape(-1), output_size=len(table)
+            torch.arange(size).repeat(num_features), per_key.reshape(-1), output_size=len(keys)
         )
         outputs = [
             PooledOutput(
                 name=name,
-                table=space.feature_index[name],
-                position=space.feature_slot[name] - space.feature_starts[space.feature_index[name]],
+                table=t,
+                position=space.feature_slot[name] - space.feature_starts[t],
                 lengths=per_key[f].to(device, non_blocking=True),
-                pooling=collection.tables[space.feature_index[name]].pooling,
+                pooling=collection.tables[t].pooling,
             )
-            for f, name in enumerate(features.keys)
+            for f, (name, t) in enumerate(zip(features.keys, feature_tables))
         ]
-        return _RequesterSide(table, owner, slot, outputs=outputs, feature=feature, sample=sample, size=size)
-    unique, inverse = torch.unique(features.values + space.offsets[table], sorted=True, return_inverse=True)
+        empty = torch.zeros(0, dtype=torch.long)
+        return _RequesterSide(empty, owner, slot, outputs=outputs, feature=feature, sample=sample, size=size)
+    unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
     unique_table = space.table_of(unique)
     owner, slot = space.owner_slot(unique, unique_table)
     world = space.world
@@ -349,36 +367,44 @@ def route_keys(
     sides = [_requester_side(collection, f) for f in micro_features]
     sizes = [s.size for s in sides]
     # Payload layout: owner-major, then micro-batch, then table, then id — one All2All carries all.
-    tables = torch.cat([s.table for s in sides])
-    owners = torch.cat([s.owner for s in sides])
     slots = torch.cat([s.slot for s in sides])
-    micro_of = torch.repeat_interleave(
-        torch.arange(num_micro), torch.tensor([len(s.table) for s in sides], dtype=torch.long)
-    )
-    bucket = (owners * num_micro + micro_of) * num_tables + tables
-    counts = torch.bincount(bucket, minlength=world * num_micro * num_tables)
-    per_owner = counts.view(world, -1).sum(1)
     if pooled:
         # Ids sorted by (owner, micro-batch, feature slot) keep each bag's ids together in sample
         # order; a feature slot orders its table too. Each owner first gets the bag lengths of every
         # (micro-batch, feature slot, sample), then the ids.
-        feature = torch.cat([s.feature for s in sides])
-        order = torch.argsort((owners * num_micro + micro_of) * space.num_features + feature, stable=True)
-        base = torch.tensor([0, *sizes], dtype=torch.long).cumsum(0)[:-1] * space.num_features
-        block = space.num_features * sum(sizes)
-        sizes_t = torch.tensor(sizes, dtype=torch.long)
-        bag_index = (
-            owners * block
-            + base[micro_of]
-            + feature * sizes_t[micro_of]
-            + torch.cat([s.sample for s in sides])
-        )
-        lengths = torch.bincount(bag_index, minlength=world * block).view(world, block)
+        nfeat = space.num_features
+        block = nfeat * sum(sizes)
+        sort_keys, bag_index, base = [], [], 0
+        for i, side in enumerate(sides):
+            sort_keys.append((side.owner * num_micro + i) * nfeat + side.feature)
+            bag_index.append(side.owner * block + base + side.feature * side.size + side.sample)
+            base += nfeat * side.size
+        order = _sort_order(torch.cat(sort_keys), world * num_micro * nfeat)
+        lengths = torch.bincount(torch.cat(bag_index), minlength=world * block).view(world, block)
+        # Ids per (owner, micro-batch, table): the sum of the table's features' bag lengths.
+        per_slot = torch.stack(
+            [
+                lengths[:, nfeat * sum(sizes[:i]) : nfeat * sum(sizes[: i + 1])].view(world, nfeat, n).sum(2)
+                for i, n in enumerate(sizes)
+            ],
+            1,
+        )  # [owner, micro-batch, feature slot]
+        counts = per_slot.new_zeros(world, num_micro, num_tables).index_add_(2, space.slot_table, per_slot)
+        counts = counts.reshape(-1)
+        per_owner = counts.view(world, -1).sum(1)
         pieces = slots[order].split(per_owner.tolist())
         send = torch.cat([part for r in range(world) for part in (lengths[r], pieces[r])])
         send_sizes = (per_owner + block).tolist()
     else:
-        send = slots[torch.argsort(bucket, stable=True)]
+        tables = torch.cat([s.table for s in sides])
+        owners = torch.cat([s.owner for s in sides])
+        micro_of = torch.repeat_interleave(
+            torch.arange(num_micro), torch.tensor([len(s.table) for s in sides], dtype=torch.long)
+        )
+        bucket = (owners * num_micro + micro_of) * num_tables + tables
+        counts = torch.bincount(bucket, minlength=world * num_micro * num_tables)
+        per_owner = counts.view(world, -1).sum(1)
+        send = slots[_sort_order(bucket, world * num_micro * num_tables)]
         send_sizes = per_owner.tolist()
     kdev = collection.key_device  # host for gloo; the split sizes are host values either way
     # One extra count per destination carries "my input is bad": a rank that raised alone would

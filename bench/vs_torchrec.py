@@ -49,6 +49,8 @@ NESTREC_MODES = {
     "nestrec_dbp": {"mode": "dbp"},
     "nestrec_fwp": {"mode": "fwp", "clustering": "none"},
     "nestrec_nested": {"mode": "nested", "clustering": "none"},
+    # Key routing on a router thread instead of inline asynchronous collectives (the CPU default).
+    "nestrec_dbp_thread": {"mode": "dbp", "router": "thread"},
     # The same schedule with the rows exchange (unique rows to the requester, pooled there).
     "nestrec_sync_rows": {"mode": "sync", "exchange": "rows"},
     "nestrec_nested_rows": {"mode": "nested", "clustering": "none", "exchange": "rows"},

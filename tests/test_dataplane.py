@@ -160,7 +160,7 @@ def test_every_key_finds_its_owner_and_slot_with_empty_shards(sharding):
 @pytest.mark.parametrize("exchange,tables", EXCHANGES)
 def test_a_lookup_and_its_update_are_four_collectives_whatever_the_table_count(monkeypatch, exchange, tables):
     calls: list[str] = []
-    real_counts, real_a2a = dataplane.exchange_counts, dataplane.all_to_all_uneven
+    real_counts, real_a2a = dataplane.start_exchange_counts, dataplane.start_all_to_all_uneven
 
     def counts(*args, **kwargs):
         calls.append("counts")
@@ -170,8 +170,8 @@ def test_a_lookup_and_its_update_are_four_collectives_whatever_the_table_count(m
         calls.append(channel)
         return real_a2a(tensor, send, recv, group, channel)
 
-    monkeypatch.setattr(dataplane, "exchange_counts", counts)
-    monkeypatch.setattr(dataplane, "all_to_all_uneven", a2a)
+    monkeypatch.setattr(dataplane, "start_exchange_counts", counts)
+    monkeypatch.setattr(dataplane, "start_all_to_all_uneven", a2a)
     collection = _collection(exchange, tables)
     sum(v.sum() for v in collection(_features(3, tables)).values()).backward()
     collection.apply_sparse_updates()

@@ -55,6 +55,9 @@ RUNS = [
     ("dbp-sgd", {"mode": "dbp", **GUARD}, "sgd"),
     ("nested-sgd", {"mode": "nested", "micro_batches": 4, **GUARD}, "sgd"),
     ("sync-sgd-copy", {"mode": "sync", **GUARD}, "sgd", "copy"),
+    # Key routing on a router thread (the GPU-host default) instead of inline async collectives.
+    ("dbp-thread", {"mode": "dbp", "router": "thread", **GUARD}, "adagrad"),
+    ("nested-4-thread", {"mode": "nested", "micro_batches": 4, "router": "thread", **GUARD}, "adagrad"),
     # The rows exchange (unique rows to the requester) against the default pooled one.
     ("sync-rows", {"mode": "sync", **GUARD}, "adagrad", "rows"),
     (

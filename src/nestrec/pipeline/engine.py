@@ -46,7 +46,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -55,6 +55,7 @@ import torch
 from nestrec.devices import Lane, LaneHandle
 from nestrec.errors import ConfigError
 from nestrec.pipeline.clustering import CLUSTERING_METHODS, cluster_samples, sample_keys
+from nestrec.pipeline.staged import StagedHandle, StagedLane, timed_stages
 from nestrec.pipeline.timeline import Timeline
 from nestrec.sharding.collection import ShardedEmbeddingCollection
 from nestrec.sharding.comm import PendingMean, start_all_reduce_mean
@@ -68,15 +69,17 @@ from nestrec.sharding.dataplane import (
     reconcile,
     retrieve,
     return_grads,
-    route_keys,
+    route_stages,
+    run_stages,
     send_rows,
     write_back,
 )
 from nestrec.sparse.jagged import JaggedFeatures
 
-__all__ = ["PIPELINE_MODES", "PipelineConfig", "PipelinedModel", "NestPipeEngine", "StepResult"]
+__all__ = ["PIPELINE_MODES", "ROUTERS", "PipelineConfig", "PipelinedModel", "NestPipeEngine", "StepResult"]
 
 PIPELINE_MODES = ("sync", "dbp", "fwp", "nested")
+ROUTERS = ("auto", "thread", "inline")
 
 
 @dataclass
@@ -93,6 +96,10 @@ class PipelineConfig:
     writeback_ordering: bool = True
     # Raise HostSyncError if the micro-batch loop blocks the host on the device (tests, gpu_check).
     check_host_sync: bool = False
+    # Where prefetching schedules route keys ahead: ``thread`` (a router lane, for hosts with cores
+    # to spare: GPU boxes), ``inline`` (asynchronous collectives advanced between the main thread's
+    # stages: CPU training, where every core already computes), ``auto`` (inline on CPU).
+    router: str = "auto"
 
     def __post_init__(self) -> None:
         if self.mode not in PIPELINE_MODES:
@@ -105,6 +112,8 @@ class PipelineConfig:
             raise ConfigError(
                 f"unknown clustering {self.clustering!r}; expected one of {', '.join(CLUSTERING_METHODS)}"
             )
+        if self.router not in ROUTERS:
+            raise ConfigError(f"unknown router {self.router!r}; expected one of {', '.join(ROUTERS)}")
         if self.retrieval_depth != 2:
             raise ConfigError(
                 f"retrieval_depth={self.retrieval_depth} is not supported: exactness with one dual-buffer copy "
@@ -219,8 +228,10 @@ class NestPipeEngine:
             )
         self.device = collection.compute_device
         self.device_api = collection.device_api
+        router = self.config.router
+        self._inline_routing = router == "inline" or (router == "auto" and self.device.type == "cpu")
         self._feature_table = {f: t.name for t in collection.tables for f in t.features}
-        self._lanes: dict[str, Lane] = {}
+        self._lanes: dict[str, Lane | StagedLane] = {}
         self._step = 0
         self._iterator: Iterator | None = None
         self._exhausted = True
@@ -239,6 +250,18 @@ class NestPipeEngine:
                 return fn()
 
         return self._lanes[lane].submit(run)
+
+    def _submit_staged(self, lane: str, name: str, step: int, stages) -> StagedHandle:
+        """Queue staged work on an inline lane (see :mod:`nestrec.pipeline.staged`)."""
+        if lane not in self._lanes:
+            self._lanes[lane] = StagedLane(f"nestpipe-{lane}")
+        return self._lanes[lane].submit(timed_stages(stages, lambda: self.timeline.span(name, lane, step)))
+
+    def _advance_routing(self) -> None:
+        """A point of the schedule where inline key routing takes its next stage."""
+        lane = self._lanes.get("router")
+        if isinstance(lane, StagedLane):
+            lane.advance()
 
     def _wait(self, name: str, step: int, handle) -> Any:
         with self.timeline.span(f"wait:{name}", "main", step):
@@ -304,6 +327,9 @@ class NestPipeEngine:
 
     # -- stage 1 + 3 --------------------------------------------------------------------------------
     def _prepare(self, step: int, batch: Any) -> _Prepared:
+        return run_stages(self._prepare_stages(step, batch))
+
+    def _prepare_stages(self, step: int, batch: Any) -> Generator[None, None, _Prepared]:
         features = self.model.sparse_features(batch)
         size = features.batch_size
         parts = self.config.num_micro_batches
@@ -316,7 +342,7 @@ class NestPipeEngine:
             micro = [self.model.select_samples(batch, i) for i in index]
             micro_features = [features.select_samples(i) for i in index]
             sizes = [len(i) for i in index]
-        routes = route_keys(self.collection, micro_features, self.collection.key_group)
+        routes = yield from route_stages(self.collection, micro_features, self.collection.key_group)
         return _Prepared(step, batch, size, micro, sizes, routes, _normalizer(self.model, batch, size))
 
     # -- schedules ----------------------------------------------------------------------------------
@@ -341,9 +367,11 @@ class NestPipeEngine:
                 self._exhausted = True
                 break
             step = self._step + len(self._routing) + (self._current is not None)
-            self._routing.append(
-                self._submit("router", "route", step, lambda s=step, b=batch: self._prepare(s, b))
-            )
+            if self._inline_routing:
+                handle = self._submit_staged("router", "route", step, self._prepare_stages(step, batch))
+            else:
+                handle = self._submit("router", "route", step, lambda s=step, b=batch: self._prepare(s, b))
+            self._routing.append(handle)
 
     def _retrieval(self, prepared: _Prepared, after: _Prepared | None = None) -> LaneHandle:
         """Stage 4 on the retrieval lane; with ``after`` (the batch computing now) also the
@@ -383,6 +411,7 @@ class NestPipeEngine:
                 write_back(self.collection, self._deferred)
                 self._deferred = None
             active, _ = self._wait("retrieve", step, handle)
+            self._advance_routing()
             loss = self._stage5(prepared, active)
             copied = 0
             if upcoming is not None:
@@ -460,6 +489,7 @@ class NestPipeEngine:
                 else:
                     with self.timeline.span("a2a_bwd", "main", step):
                         give_back(i, grads)()
+        self._advance_routing()  # outside the micro-batch loop: routing does host work
         for handle in backward:
             self._wait("a2a_bwd", step, handle)
         if dense is None:

@@ -6,9 +6,10 @@ calls work on NCCL and HCCL. With one rank (or no process group) the exchange is
 
 The **latency shim** exists because a 2-core loopback box has no network worth hiding: on CPU a
 gloo All2All costs a memcpy, so overlap cannot show. With ``set_latency_shim(alpha_ms, gbps)``
-every collective here additionally sleeps ``alpha + bytes / bandwidth`` — the cost model of the
-design brief (§8) — and sleeping releases the GIL, so a collective issued from a stream thread
-really does overlap compute on the main thread, as it would on a NIC. Off by default; benchmarks
+every collective here is delivered no earlier than ``alpha + bytes / bandwidth`` after it
+starts — the cost model of the design brief (§8): waiting sleeps whatever is left of it, and
+sleeping releases the GIL, so a collective issued from a lane thread, or started asynchronously
+and waited later, really does overlap compute on the main thread, as it would on a NIC. Off by default; benchmarks
 that use it say so in their output. ``COMM_BYTES`` counts payload bytes per channel either way.
 """
 
@@ -25,6 +26,7 @@ import torch.distributed as dist
 __all__ = [
     "COMM_BYTES",
     "LatencyShim",
+    "PendingExchange",
     "PendingMean",
     "all_to_all_uneven",
     "exchange_counts",
@@ -32,6 +34,8 @@ __all__ = [
     "group_device",
     "set_latency_shim",
     "start_all_reduce_mean",
+    "start_all_to_all_uneven",
+    "start_exchange_counts",
 ]
 
 
@@ -71,11 +75,13 @@ def get_latency_shim() -> LatencyShim | None:
     return _shim
 
 
-def _account(channel: str, nbytes: int) -> None:
+def _account(channel: str, nbytes: int) -> float | None:
+    """Count the payload; under the shim, return when the modelled network would deliver it."""
     with _bytes_lock:
         COMM_BYTES[channel] += nbytes
     if _shim is not None and channel in _shim.channels:
-        time.sleep(_shim.delay(nbytes))
+        return time.perf_counter() + _shim.delay(nbytes)
+    return None
 
 
 def _world(group) -> int:
@@ -90,38 +96,78 @@ def group_device(group, compute_device: torch.device) -> torch.device:
     return torch.device("cpu") if dist.get_backend(group) == "gloo" else torch.device(compute_device)
 
 
-def exchange_counts(send_counts: torch.Tensor, group=None, channel: str = "counts") -> torch.Tensor:
-    """Tell every rank how many items it will receive from each peer (``send_counts[r]`` go to rank r)."""
+class PendingExchange:
+    """An All2All in flight; ``wait()`` returns what arrived.
+
+    Under the latency shim the modelled network time runs from the start, so work done between
+    start and wait hides it, as it would hide a NIC's transfer (``wait`` sleeps only the rest).
+    """
+
+    def __init__(self, out: torch.Tensor, work=None, ready_at: float | None = None):
+        self.out, self.work, self.ready_at = out, work, ready_at
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        if self.ready_at is not None:
+            remaining = self.ready_at - time.perf_counter()
+            if remaining > 0:
+                time.sleep(remaining)
+            self.ready_at = None
+        return self.out
+
+
+def start_exchange_counts(send_counts: torch.Tensor, group=None, channel: str = "counts") -> PendingExchange:
+    """Start telling every rank how many items it will receive from each peer (``send_counts[r]``
+    go to rank r)."""
     if _world(group) == 1:
-        return send_counts.clone()
+        return PendingExchange(send_counts.clone())
     recv = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv, send_counts, group=group)
-    _account(channel, send_counts.numel() * send_counts.element_size())
-    return recv
+    work = dist.all_to_all_single(recv, send_counts, group=group, async_op=True)
+    return PendingExchange(recv, work, _account(channel, send_counts.numel() * send_counts.element_size()))
+
+
+def exchange_counts(send_counts: torch.Tensor, group=None, channel: str = "counts") -> torch.Tensor:
+    """:func:`start_exchange_counts`, waited."""
+    return start_exchange_counts(send_counts, group, channel).wait()
+
+
+def start_all_to_all_uneven(
+    tensor: torch.Tensor, send_counts: list[int], recv_counts: list[int], group=None, channel: str = "a2a"
+) -> PendingExchange:
+    """Start sending ``tensor``'s first ``send_counts[0]`` rows to rank 0, the next to rank 1, ... ."""
+    if _world(group) == 1:
+        return PendingExchange(tensor.clone())
+    out = tensor.new_empty((sum(recv_counts), *tensor.shape[1:]))
+    work = dist.all_to_all_single(
+        out, tensor.contiguous(), recv_counts, send_counts, group=group, async_op=True
+    )
+    return PendingExchange(out, work, _account(channel, tensor.numel() * tensor.element_size()))
 
 
 def all_to_all_uneven(
     tensor: torch.Tensor, send_counts: list[int], recv_counts: list[int], group=None, channel: str = "a2a"
 ) -> torch.Tensor:
-    """Send ``tensor``'s first ``send_counts[0]`` rows to rank 0, the next to rank 1, ... ."""
-    if _world(group) == 1:
-        return tensor.clone()
-    out = tensor.new_empty((sum(recv_counts), *tensor.shape[1:]))
-    dist.all_to_all_single(out, tensor.contiguous(), recv_counts, send_counts, group=group)
-    _account(channel, tensor.numel() * tensor.element_size())
-    return out
+    """:func:`start_all_to_all_uneven`, waited."""
+    return start_all_to_all_uneven(tensor, send_counts, recv_counts, group, channel).wait()
 
 
 class PendingMean:
     """An all-reduce in flight; ``wait()`` lands the averaged values in the original tensors."""
 
-    def __init__(self, tensors: list[torch.Tensor], flat: torch.Tensor | None, work, world: int):
+    def __init__(
+        self, tensors: list[torch.Tensor], flat: torch.Tensor | None, work, world: int, ready_at=None
+    ):
         self.tensors, self.flat, self.work, self.world = tensors, flat, work, world
+        self.ready_at = ready_at
 
     def wait(self) -> None:
         if self.flat is None:
             return
         self.work.wait()
+        if self.ready_at is not None and (remaining := self.ready_at - time.perf_counter()) > 0:
+            time.sleep(remaining)
         self.flat.div_(self.world)
         offset = 0
         for t in self.tensors:
@@ -140,5 +186,4 @@ def start_all_reduce_mean(tensors: list[torch.Tensor], group=None, channel: str 
         return PendingMean(tensors, None, None, world)
     flat = torch.cat([t.reshape(-1) for t in tensors])
     work = dist.all_reduce(flat, group=group, async_op=True)
-    _account(channel, flat.numel() * flat.element_size())
-    return PendingMean(tensors, flat, work, world)
+    return PendingMean(tensors, flat, work, world, _account(channel, flat.numel() * flat.element_size()))

@@ -40,19 +40,22 @@ Every rank walks tables and micro-batches in the same order, so collectives pair
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from nestrec.errors import ConfigError, UserInputError
-from nestrec.sharding.comm import all_to_all_uneven, exchange_counts
+from nestrec.sharding.comm import start_all_to_all_uneven, start_exchange_counts
 from nestrec.sparse.jagged import JaggedFeatures
 
 if TYPE_CHECKING:
     from nestrec.sharding.collection import ShardedEmbeddingCollection
+
+T = TypeVar("T")
 
 __all__ = [
     "BatchRoute",
@@ -71,6 +74,8 @@ __all__ = [
     "retrieve",
     "return_grads",
     "route_keys",
+    "route_stages",
+    "run_stages",
     "send_rows",
     "write_back",
 ]
@@ -361,6 +366,28 @@ def route_keys(
     collection: ShardedEmbeddingCollection, micro_features: list[JaggedFeatures], group=None
 ) -> BatchRoute:
     """Stage 3: route every micro-batch's keys of every table to their owners (two collectives)."""
+    return run_stages(route_stages(collection, micro_features, group))
+
+
+def run_stages(stages: Generator[None, None, T]) -> T:
+    """Drive a staged computation (see :func:`route_stages`) to its end and return its result."""
+    while True:
+        try:
+            next(stages)
+        except StopIteration as done:
+            return done.value
+
+
+def route_stages(
+    collection: ShardedEmbeddingCollection, micro_features: list[JaggedFeatures], group=None
+) -> Generator[None, None, BatchRoute]:
+    """:func:`route_keys` in three stages that yield after starting each collective.
+
+    Whoever drives it decides what runs while the counts and then the keys travel: ``route_keys``
+    waits at once; the prefetching schedules on CPU advance it between their own stages, so the
+    routing of a later batch costs its host work but none of its network waits, on one thread
+    (what TorchRec's sparse-dist pipeline does with asynchronous collectives).
+    """
     _check_sharded(collection)
     space, pooled = collection.key_space, collection.pooled_exchange
     world, num_micro, num_tables = space.world, len(micro_features), len(space.names)
@@ -419,7 +446,9 @@ def route_keys(
         ],
         1,
     )
-    received = exchange_counts(header.reshape(-1).to(kdev), group).cpu().view(world, -1)
+    pending = start_exchange_counts(header.reshape(-1).to(kdev), group)
+    yield
+    received = pending.wait().cpu().view(world, -1)
     if errors or bool(received[:, -1].any()):
         if errors:
             raise UserInputError(errors[0])
@@ -434,9 +463,11 @@ def route_keys(
     peer_block = peer_sizes.sum(1) * space.num_features if pooled else torch.zeros(world, dtype=torch.long)
     counts_l = counts.view(world, num_micro, num_tables).tolist()
     recv_l = recv.view(world, num_micro, num_tables).tolist()
-    requested = all_to_all_uneven(
+    pending = start_all_to_all_uneven(
         send.to(kdev), send_sizes, (recv_per_source + peer_block).tolist(), group, "keys"
-    ).cpu()
+    )
+    yield
+    requested = pending.wait().cpu()
     peer_lengths: list[torch.Tensor] = []
     if pooled:
         split = requested.split(
@@ -629,13 +660,12 @@ def _fused_all_to_all(
     world, num = len(send_counts[0]), len(payloads)
     dims = [p.shape[1] if p.dim() > 1 else 1 for p in payloads]
     if num == 1:
-        received = all_to_all_uneven(payloads[0], send_counts[0], recv_counts[0], group, channel)
-        return [received]
+        return [start_all_to_all_uneven(payloads[0], send_counts[0], recv_counts[0], group, channel).wait()]
     chunks = [p.split(counts) for p, counts in zip(payloads, send_counts)]
     send = torch.cat([chunks[t][r].reshape(-1) for r in range(world) for t in range(num)])
     send_splits = [sum(send_counts[t][r] * dims[t] for t in range(num)) for r in range(world)]
     recv_splits = [sum(recv_counts[t][s] * dims[t] for t in range(num)) for s in range(world)]
-    received = all_to_all_uneven(send, send_splits, recv_splits, group, channel)
+    received = start_all_to_all_uneven(send, send_splits, recv_splits, group, channel).wait()
     pieces = received.split([recv_counts[t][s] * dims[t] for s in range(world) for t in range(num)])
     return [
         torch.cat([pieces[s * num + t] for s in range(world)]).view(-1, *payloads[t].shape[1:])

@@ -4,16 +4,18 @@ Each rank owns a block of every table's rows (``RowWiseSharding``) in a host-mem
 ``ShardStore``. ``forward`` is the data plane (:mod:`nestrec.sharding.dataplane`) with nothing
 overlapped, for all tables at once:
 
-1. dedup the batch's ids and route them to their owners (All2All of counts, then of keys);
-2. each owner dedups the keys it received from all ranks and gathers those rows from its shards;
-3. All2All of the rows back to the requesters; ``embedding_bag`` pools them per feature.
+1. route the batch's ids to their owners (All2All of counts, then of keys);
+2. each owner serves them from its shards: with the ``pooled`` exchange (every table pools) it
+   sums its rows of every bag and sends partial sums back; with ``rows`` it sends each requester
+   the unique rows it asked for, which ``embedding_bag`` pools on the requester;
+3. what came back is an autograd leaf, so backward leaves its gradient in ``.grad``.
 
-The fetched unique rows are a leaf tensor, so autograd leaves the per-row gradient, already
-summed over duplicate ids, in its ``.grad``. ``apply_sparse_updates()`` (called once per batch by
-the strategy, after backward) sends those gradients back to the owners along the reverse route,
-sums them per row across ranks, scales them (by ``1 / world_size`` by default, so tables move by
-the gradient of the global mean loss, as DDP does for dense parameters) and applies the row-wise
-optimizer once. That makes the result identical to synchronous training of a dense table.
+``apply_sparse_updates()`` (called once per batch by the strategy, after backward) sends those
+gradients back to the owners along the reverse route, sums them per row across ranks, scales them
+(by ``1 / world_size`` by default, so tables move by the gradient of the global mean loss, as DDP
+does for dense parameters) and applies the row-wise optimizer once — or, for SGD, adds each
+gradient straight in as it arrives (``fused_updates``). That makes the result identical to
+synchronous training of a dense table.
 """
 
 from __future__ import annotations

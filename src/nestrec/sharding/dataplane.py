@@ -1,34 +1,43 @@
 """The one data plane of row-sharded tables: every schedule's lookup and update, cut into stages.
 
 ``route_keys`` (stage 3)  every rank tells every owner which rows each of its micro-batches needs,
-                           for *all tables at once*: one All2All of counts, one of keys.
+                           for *all tables at once*: one All2All of counts, one of keys
+                           (``route_stages``: the same in stages that yield after starting each
+                           collective, for schedules that overlap its waits).
 ``retrieve`` (stage 4)     each owner gathers the union of the requested rows — weights and
                            optimizer-state rows — from its shard stores into a ``RowBuffer``
                            (a *direct* buffer only notes the keys: with no other batch in
                            flight the stores themselves serve the rows and take the update).
 ``reconcile``              the dual-buffer copy: rows of the next batch's buffer that the current
                            batch also touched take their post-update values.
-``send_rows`` /            per micro-batch (stage 5): owners serve rows from the buffer to the
-``return_grads``           requesters in one All2All for all tables; gradients travel back and
-                           accumulate in the buffer.
-``pool_rows``              ``embedding_bag`` over the fetched unique rows (one fused kernel per
-                           feature; the backward is a gather + ``index_add_``), so autograd
-                           leaves each unique row's summed gradient in the leaf's ``.grad``.
+``send_rows`` /            per micro-batch (stage 5): owners serve the requesters in one All2All
+``return_grads``           for all tables; gradients travel back and accumulate in the buffer
+                           (or, for a fused lookup, land in the shard straight away).
+``pool_rows``              the requester's pooling of what arrived.
 ``apply_update``           one row-wise optimizer step on the buffer per batch.
 ``write_back``             a copy buffer's rows go back to the shard stores.
+
+Two exchanges (``ShardedEmbeddingCollection.exchange``) decide what the row All2All carries:
+
+``pooled``  each owner sums its rows of every bag (one ``embedding_bag`` over its shard or buffer)
+            and sends one partial sum per (feature, sample); the requester adds the owners' sums.
+            The owner needs every id and its bag, so the key All2All carries ids and bag lengths.
+            TorchRec's row-wise choice; only for ``sum`` / ``mean`` tables.
+``rows``    the requester dedups its ids, owners send those unique rows, ``embedding_bag`` pools
+            them on the requester (its backward: one gather + ``index_add_``); any pooling.
 
 ``ShardedEmbeddingCollection.forward`` / ``apply_sparse_updates`` (the plain synchronous path) and
 every pipeline schedule of ``NestPipeEngine`` are compositions of these functions; no other code
 looks rows up or updates them.
 
 Why the key space is flat: all tables' ids are offset into one int64 key space (table ``t`` owns
-``[offset_t, offset_t + num_rows_t)``), so dedup, owner lookup and the key All2All are one vectorised
+``[offset_t, offset_t + num_rows_t)``), so owner lookup and the key All2All are one vectorised
 pass over the batch instead of one per table, and a whole lookup costs four collectives (counts,
 keys, rows, gradients) whatever the number of tables. On the owner, a key is its slot in the
 concatenation of its local shards (``local_offsets``), so the owner's dedup is one ``unique`` too.
 
 Where tensors live (``ShardedEmbeddingCollection.shard``): key routing is host work (ids arrive
-from the data loader; dedup and split sizes are host-side), so a route's requester indices are
+from the data loader; dedup and split sizes are host-side), so a route's index tensors are
 moved to the compute device once, when the route is built — off the micro-batch loop. Row
 buffers, gradients and the row-wise update live on the compute device. Payloads cross to the
 process group's device for each collective (host memory for gloo, the accelerator for NCCL /

@@ -114,7 +114,6 @@ class KeySpace:
                 [torch.zeros(len(tables), 1, dtype=torch.long), sizes.t().cumsum(1)[:, :-1]], 1
             )
             self.shard_starts = starts.reshape(-1)
-            self.shard_owner = torch.arange(world).repeat(len(tables))
             self.shard_delta = self.local_offsets[:, :-1].t().reshape(-1) - self.shard_starts
         self.feature_index = {f: i for i, t in enumerate(tables) for f in t.features}
         self.feature_table = {f: t for t in tables for f in t.features}
@@ -137,7 +136,8 @@ class KeySpace:
         """Owner rank of each key and its slot in the owner's concatenated local shards."""
         if not self.cyclic:
             shard = torch.searchsorted(self.shard_starts, keys, right=True) - 1
-            return self.shard_owner[shard], keys + self.shard_delta[shard]
+            # shard = table * world + owner: a remainder is cheaper than a third gather
+            return shard.remainder(self.world), keys + self.shard_delta[shard]
         ids = keys - self.offsets[table]
         owner, local = ids % self.world, ids // self.world
         return owner, self.local_offsets[owner, table] + local

@@ -187,6 +187,28 @@ def test_an_id_outside_its_table_is_one_line_naming_feature_table_and_id():
         tables(bad)
 
 
+def test_a_feature_given_twice_is_one_line_not_a_silent_mix_of_bags():
+    ids, lengths = torch.tensor([1, 2, 3]), torch.tensor([1, 1, 0, 1, 0, 0])
+    twice = JaggedFeatures(["a1", "a1"], ids, lengths)
+    for exchange, tables in EXCHANGES:
+        with pytest.raises(
+            UserInputError, match=r"^feature 'a1' appears twice in one batch's sparse features$"
+        ):
+            _collection(exchange, tables)(twice)
+
+
+def test_only_plain_sgd_is_fused():
+    class DecayedSGD(RowWiseSGD):
+        def update_in_place(self, weight, state, index, grad, step):
+            weight.mul_(0.99)
+            super().update_in_place(weight, state, index, grad, step)
+
+    assert RowWiseSGD(lr=0.1).gradient_multiplier() == -0.1
+    assert DecayedSGD(lr=0.1).gradient_multiplier() is None
+    assert RowWiseAdagrad().gradient_multiplier() is None
+    assert not _collection("auto", POOLING_TABLES, DecayedSGD(lr=0.1)).fused_updates(1)
+
+
 @pytest.mark.parametrize("sharding", ["range", "cyclic"])
 def test_tables_smaller_than_the_world_shard_on_every_rank(sharding):
     """A 2-row table over 4 ranks: the last ranks hold empty shards (cyclic used to crash)."""

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+import torch.distributed as dist
 
 from nestrec.devices import Lane, LaneHandle
 from nestrec.errors import ConfigError
@@ -180,6 +181,14 @@ class _Prepared:
     normalizer: int = 1
 
 
+def _same_group(a, b) -> bool:
+    """Whether two process-group arguments name the same group (``None`` is the world)."""
+    if dist.is_available() and dist.is_initialized():
+        a = dist.group.WORLD if a is None else a
+        b = dist.group.WORLD if b is None else b
+    return a is b
+
+
 class _Ready:
     """A handle that is already complete (same ``wait()`` as a lane's)."""
 
@@ -268,11 +277,13 @@ class NestPipeEngine:
             return handle.wait()
 
     def close(self) -> None:
-        """Finish pending work and stop the lanes."""
-        self.flush()
-        for lane in self._lanes.values():
-            lane.shutdown()
-        self._lanes.clear()
+        """Finish pending work and stop the lanes (even when pending work failed)."""
+        try:
+            self.flush()
+        finally:
+            for lane in self._lanes.values():
+                lane.shutdown()
+            self._lanes.clear()
 
     # -- public -------------------------------------------------------------------------------------
     def step(self, iterator: Iterator) -> list[StepResult]:
@@ -460,7 +471,7 @@ class NestPipeEngine:
         # all-reduce starts then and travels while the gradient All2All and the sparse update run —
         # unless it shares a process group with the comm lane's gradient All2All, whose order
         # against it would then differ between ranks (it starts after that lane drains).
-        shared_group = self.dense_group is group
+        shared_group = _same_group(self.dense_group, group)
         dense: PendingMean | None = None
         with self.device_api.host_sync_guard() if check else contextlib.nullcontext():
             for i, batch in enumerate(micro):

@@ -6,8 +6,8 @@ calls work on NCCL and HCCL. With one rank (or no process group) the exchange is
 
 The **latency shim** exists because a 2-core loopback box has no network worth hiding: on CPU a
 gloo All2All costs a memcpy, so overlap cannot show. With ``set_latency_shim(alpha_ms, gbps)``
-every collective here is delivered no earlier than ``alpha + bytes / bandwidth`` after it
-starts — the cost model of the design brief (§8): waiting sleeps whatever is left of it, and
+every collective here costs ``alpha + bytes / bandwidth`` more — the cost model of the design
+brief (§8) — less whatever work the caller did between starting it and waiting for it, and
 sleeping releases the GIL, so a collective issued from a lane thread, or started asynchronously
 and waited later, really does overlap compute on the main thread, as it would on a NIC. Off by default; benchmarks
 that use it say so in their output. ``COMM_BYTES`` counts payload bytes per channel either way.
@@ -107,15 +107,24 @@ class PendingExchange:
         self.out, self.work, self.ready_at = out, work, ready_at
 
     def wait(self) -> torch.Tensor:
+        called = time.perf_counter()
         if self.work is not None:
             self.work.wait()
             self.work = None
-        if self.ready_at is not None:
-            remaining = self.ready_at - time.perf_counter()
-            if remaining > 0:
-                time.sleep(remaining)
-            self.ready_at = None
+        _sleep_rest(self.ready_at, called)
+        self.ready_at = None
         return self.out
+
+
+def _sleep_rest(ready_at: float | None, called: float) -> None:
+    """The shim's modelled transfer, less only the work the caller did between start and wait.
+
+    Time spent *blocked* in the real collective (e.g. waiting for a late peer) is not credited:
+    the modelled bytes cannot arrive before the peer has sent them, so a blocking call costs
+    real + modelled, and a call started early costs what of the modelled time is left.
+    """
+    if ready_at is not None and (remaining := ready_at - called) > 0:
+        time.sleep(remaining)
 
 
 def start_exchange_counts(send_counts: torch.Tensor, group=None, channel: str = "counts") -> PendingExchange:
@@ -165,9 +174,9 @@ class PendingMean:
     def wait(self) -> None:
         if self.flat is None:
             return
+        called = time.perf_counter()
         self.work.wait()
-        if self.ready_at is not None and (remaining := self.ready_at - time.perf_counter()) > 0:
-            time.sleep(remaining)
+        _sleep_rest(self.ready_at, called)
         self.flat.div_(self.world)
         offset = 0
         for t in self.tensors:

@@ -248,6 +248,9 @@ def _flat_keys(
     Each feature's ids are one contiguous run of ``values``, so the bounds check is a min and a
     max per feature, and the key offset is one ``repeat_interleave`` of per-feature scalars.
     """
+    if len(set(features.keys)) != len(features.keys):
+        repeated = next(k for k in features.keys if features.keys.count(k) > 1)
+        raise UserInputError(f"feature {repeated!r} appears twice in one batch's sparse features")
     unknown = [k for k in features.keys if k not in space.feature_index]
     if unknown:
         raise UserInputError(
@@ -311,6 +314,8 @@ def _requester_side(collection: ShardedEmbeddingCollection, features: JaggedFeat
         keys, feature_tables = _flat_keys(space, features, per_feature.tolist())
     except UserInputError as err:
         return _failed_side(str(err), pooled)
+    except (RuntimeError, ValueError) as err:  # malformed lengths: still tell the peers, never desync
+        return _failed_side(f"malformed sparse features: {err}", pooled)
     device = collection.compute_device
     if pooled:
         # No dedup here: the owner pools each bag's rows itself, so it needs every id and its bag.

@@ -69,7 +69,11 @@ class RowWiseSGD(RowWiseOptimizer):
     def update(self, rows, state, grad, step) -> None:
         rows.add_(grad, alpha=-self.lr)
 
-    def gradient_multiplier(self) -> float:
+    def gradient_multiplier(self) -> float | None:
+        # A subclass that changes the step (weight decay, clipping) is not plain SGD any more.
+        cls = type(self)
+        if cls.update is not RowWiseSGD.update or cls.update_in_place is not RowWiseSGD.update_in_place:
+            return None
         return -self.lr
 
     def update_in_place(self, weight, state, index, grad, step) -> None:

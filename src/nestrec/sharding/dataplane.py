@@ -186,8 +186,6 @@ class MicroRoute:
     """
 
     features: list[FeatureBags]  # requester, rows exchange: how to pool the fetched rows
-    send_counts: list[list[int]]  # requester, per table: ids asked of each owner
-    recv_counts: list[list[int]]  # owner, per table: ids each requester asked for
     served: list[torch.Tensor]  # owner, per table: buffer slot of every received id (compute device)
     fetch_counts: list[list[int]]  # requester, per table: rows (or partial sums) from each owner
     serve_counts: list[list[int]]  # owner, per table: rows (or partial sums) to each requester
@@ -503,8 +501,6 @@ def route_stages(
     device = collection.compute_device
     micro = []
     for i, side in enumerate(sides):
-        send_counts = [[counts_l[r][i][t] for r in range(world)] for t in range(num_tables)]
-        recv_counts = [[recv_l[s][i][t] for s in range(world)] for t in range(num_tables)]
         served_i = [
             torch.cat([chunks[(s * num_micro + i) * num_tables + t] for s in range(world)]) - bounds[t]
             for t in range(num_tables)
@@ -513,12 +509,13 @@ def route_stages(
             bags, serve_counts = _owner_bags(space, i, peer_sizes, peer_lengths, served_i, device)
             fetch_counts = [[space.table_features[t] * sizes[i]] * world for t in range(num_tables)]
         else:
-            bags, serve_counts, fetch_counts = None, recv_counts, send_counts
+            # rows exchange: each requester gets back as many unique rows as it asked ids for
+            bags = None
+            fetch_counts = [[counts_l[r][i][t] for r in range(world)] for t in range(num_tables)]
+            serve_counts = [[recv_l[s][i][t] for s in range(world)] for t in range(num_tables)]
         micro.append(
             MicroRoute(
                 features=side.bags,
-                send_counts=send_counts,
-                recv_counts=recv_counts,
                 served=[x.to(device, non_blocking=True) for x in served_i],
                 fetch_counts=fetch_counts,
                 serve_counts=serve_counts,

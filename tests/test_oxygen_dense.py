@@ -156,3 +156,74 @@ def test_one_target_rows_remain_a_switch_and_dense_rows_need_the_causal_encoder(
         module.losses(_dense_batch(2, 24))
     with pytest.raises(ConfigError, match="unknown teacher_forcing 'sparse'"):
         OxygenDataModule(dataset="fixture", teacher_forcing="sparse")
+
+
+def test_sid_distillation_targets_are_the_item_softmax_marginals_under_the_true_prefix():
+    """The soft target of level l is P(code_l = c | target's first l codes) under the item softmax:
+    checked against a brute-force sum over items; an item softmax that puts all mass on the target
+    gives back the one-hot loss (the control: any other mass spreads the target)."""
+    registry = _registry(24)
+    module = _module(registry, item_loss=1.0, sid_distill=0.5)
+    codes = module.model.sid_codes  # [items + 1, depth], row 0 = padding
+    n, items = 7, registry.num_items
+    g = torch.Generator().manual_seed(3)
+    item_logits = torch.randn(n, items, generator=g)
+    target = torch.randint(1, items + 1, (n,), generator=g)
+    sid = codes[target]
+    level_logits = [torch.randn(n, v, generator=g) for v in registry.vocab_sizes]
+    allowed = torch.rand(n, items + 1, generator=g) < 0.6  # e.g. a channel's genre
+    allowed[torch.arange(n), target] = True
+    for candidates in (None, allowed):
+        got = module._distillation_ce(item_logits, sid, level_logits, candidates)
+        p = item_logits.softmax(-1) * (1 if candidates is None else candidates[:, 1:])
+        expected = torch.zeros(n)
+        for row in range(n):
+            for level, logits in enumerate(level_logits):
+                under = (codes[1:, :level] == sid[row, :level]).all(1)
+                q = torch.zeros(logits.shape[1])
+                q.index_add_(0, codes[1:][under, level], p[row][under])
+                q = q / q.sum()
+                expected[row] += -(q * logits[row].log_softmax(-1)).sum() / len(level_logits)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    unrestricted = module._distillation_ce(item_logits, sid, level_logits)
+    assert not torch.allclose(unrestricted, got)  # the restriction changes the targets
+    one_hot = torch.full((n, items), -1e4).scatter(1, (target - 1).unsqueeze(1), 1e4)
+    hard = torch.stack(
+        [
+            torch.nn.functional.cross_entropy(lg, sid[:, i], reduction="none")
+            for i, lg in enumerate(level_logits)
+        ]
+    ).mean(0)
+    torch.testing.assert_close(module._distillation_ce(one_hot, sid, level_logits), hard)
+    assert not torch.allclose(got, hard)
+    with pytest.raises(ConfigError, match="sid_distill needs the item head"):
+        _module(registry, sid_distill=0.5)
+    with pytest.raises(ConfigError, match=r"sid_distill is a mixing weight in \[0, 1\]"):
+        _module(registry, item_loss=1.0, sid_distill=1.5)
+
+
+def test_distillation_mixes_into_the_sid_loss_with_its_weight_except_on_search_rows():
+    """loss = (1 - β)·hard + β·soft + item_loss·item_ce + q2i_weight·q2i on homepage rows; `ntp`
+    stays the one-hot loss (comparable across runs); search rows (the item head cannot read the
+    query) keep the one-hot loss whatever β is."""
+    registry = _registry(24)
+
+    def losses(beta: float, scenario: int) -> tuple[OxygenPretrainModule, dict[str, torch.Tensor]]:
+        batch = _dense_batch(3, registry.num_items)
+        batch["scenario"] = torch.full_like(batch["scenario"], scenario)
+        batch["trigger_item"] = torch.zeros_like(batch["trigger_item"])
+        batch["trigger_genre"] = torch.full_like(batch["trigger_genre"], -1)
+        module = _module(registry, item_loss=0.5, sid_distill=beta).train()
+        torch.manual_seed(1)
+        return module, module.losses(batch)
+
+    for beta in (0.25, 1.0):
+        module, out = losses(beta, scenario=0)
+        mixed = (1 - beta) * out["ntp"] + beta * out["sid_distill"]
+        torch.testing.assert_close(out["loss"], mixed + 0.5 * out["item_ce"] + 0.2 * out["q2i"])
+        assert not torch.allclose(out["sid_distill"], out["ntp"])
+        module.zero_grad()
+        out["sid_distill"].backward()
+        assert module.model.heads[-1].weight.grad.abs().sum() > 0
+    search = 3
+    torch.testing.assert_close(losses(1.0, search)[1]["loss"], losses(0.0, search)[1]["loss"])

@@ -26,7 +26,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -369,6 +369,7 @@ class PrefixTrie:
     depth: int
     leaf_items: list[list[int]]  # per node (empty unless a leaf): items, most popular first
     node_items: torch.Tensor  # sparse [nodes, items + 1] float: 1 where the item is under the node
+    _spans: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def build(cls, codes: torch.Tensor, vocab_sizes: list[int], popularity: torch.Tensor) -> PrefixTrie:
@@ -406,6 +407,31 @@ class PrefixTrie:
     @property
     def num_nodes(self) -> int:
         return self.child.shape[0]
+
+    def item_spans(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(order [items], span [nodes, 2])``: the items in SID order (depth first, tokens
+        ascending; collisions in leaf order) and, per node, the ``[start, end)`` range of that
+        order holding the items below it.
+
+        Why: the items under any node are contiguous in SID order, so a per-row cumulative sum
+        over that order gives every node's probability mass with two gathers (the distillation
+        targets of every level, without an ``[N, nodes]`` product)."""
+        if self._spans is None:
+            child = self.child.tolist()
+            order: list[int] = []
+            span = [[0, 0] for _ in child]
+
+            def visit(node: int) -> None:
+                span[node][0] = len(order)
+                order.extend(self.leaf_items[node])
+                for next_node in child[node]:
+                    if next_node >= 0:
+                        visit(next_node)
+                span[node][1] = len(order)
+
+            visit(0)
+            self._spans = (torch.tensor(order, dtype=torch.long), torch.tensor(span, dtype=torch.long))
+        return self._spans
 
     def allowed_nodes(self, item_mask: torch.Tensor) -> torch.Tensor:
         """``[B, nodes]`` bool: nodes with at least one allowed item under them (``item_mask [B, items+1]``)."""

@@ -23,9 +23,9 @@ import torch
 from nestrec.data.scenarios import SCENARIO_KINDS
 from nestrec.export import ExportSettings, export_artifact
 from nestrec.export import main as export_main
+from nestrec.oxygen.shared_memory_decoder import SharedMemoryDecoder
 from nestrec.serve.__main__ import main as serve_main
 from nestrec.serve.artifact import ArtifactError, load_artifact
-from nestrec.serve.decoder import SharedMemoryDecoder
 from nestrec.serve.engine import Query, Recommender
 from nestrec.serve.settings import ServeSettings, parse_settings
 

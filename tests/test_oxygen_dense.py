@@ -115,9 +115,10 @@ def test_no_slot_reads_a_later_item_or_a_later_slots_instruction(cut):
     assert not torch.allclose(_slot_logits(module, control)[:, cut], before[:, cut], atol=1e-3)
 
 
-def test_the_last_slot_is_what_serving_computes():
+@pytest.mark.parametrize("reads_state", [False, True])
+def test_the_last_slot_is_what_serving_computes(reads_state):
     registry = _registry()
-    module = _module(registry)
+    module = _module(registry, decoder_reads_state=reads_state)
     batch = _dense_batch(5, registry.num_items, seed=3)
     dense = _slot_logits(module, batch)[:, -1]
     single = {k: v[:, -1] for k, v in batch.items() if k not in ("history", "targets")}
@@ -125,6 +126,33 @@ def test_the_last_slot_is_what_serving_computes():
     encoded = module.model.encode(single)
     one = torch.cat(module.model.sid_logits(encoded, module.model.sid_codes[single["target"]]), 1)
     torch.testing.assert_close(one, dense, rtol=0, atol=1e-5)
+
+
+def test_rows_sharing_a_history_are_encoded_once_and_decode_as_on_their_own():
+    """Evaluation batches hold one row per scenario of a user: the encoder runs per distinct
+    history, and every row's memory and SID logits equal encoding that row alone."""
+    registry = _registry()
+    module = _module(registry)
+    batch = _dense_batch(3, registry.num_items, seed=4)
+    rows = {k: v[:, -1] for k, v in batch.items() if k not in ("history", "targets")}
+    rows.update(history=batch["history"], target=batch["targets"][:, -1])
+    repeat = torch.tensor([0, 0, 1, 2, 2, 2])  # users 0 and 2 under several scenarios
+    grouped = {k: v[repeat] for k, v in rows.items()}
+    grouped["scenario"] = torch.tensor([0, 3, 0, 0, 1, 2])
+    grouped["trigger_genre"] = torch.where(grouped["scenario"] == 1, 1, -1)
+    grouped["trigger_item"] = torch.where(grouped["scenario"] == 2, grouped["history"][:, -1], 0)
+    calls = []
+    original = module.model.encode_window
+    module.model.encode_window = lambda b: calls.append(len(b["history"])) or original(b)
+    together = module.model.encode(grouped)
+    assert calls == [3]
+    sid = module.model.sid_codes[grouped["target"]]
+    joint = torch.cat(module.model.sid_logits(together, sid), 1)
+    for r in range(len(repeat)):
+        alone = module.model.encode({k: v[r : r + 1] for k, v in grouped.items()})
+        torch.testing.assert_close(together["memory"][r : r + 1], alone["memory"], rtol=0, atol=1e-6)
+        one = torch.cat(module.model.sid_logits(alone, sid[r : r + 1]), 1)
+        torch.testing.assert_close(joint[r : r + 1], one, rtol=0, atol=1e-5)
 
 
 def test_homepage_instructions_depend_on_the_user_unless_switched_off():
@@ -173,9 +201,12 @@ def test_sid_distillation_targets_are_the_item_softmax_marginals_under_the_true_
     level_logits = [torch.randn(n, v, generator=g) for v in registry.vocab_sizes]
     allowed = torch.rand(n, items + 1, generator=g) < 0.6  # e.g. a channel's genre
     allowed[torch.arange(n), target] = True
-    for candidates in (None, allowed):
-        got = module._distillation_ce(item_logits, sid, level_logits, candidates)
-        p = item_logits.softmax(-1) * (1 if candidates is None else candidates[:, 1:])
+    rows = torch.tensor([1, 4, 5])  # e.g. channel rows, each over its genre's items
+    for restrict in (None, (rows, allowed[rows])):
+        got = module._distillation_ce(item_logits.log_softmax(-1), sid, level_logits, restrict)
+        p = item_logits.softmax(-1)
+        if restrict is not None:
+            p[rows] = p[rows] * allowed[rows, 1:]
         expected = torch.zeros(n)
         for row in range(n):
             for level, logits in enumerate(level_logits):
@@ -185,8 +216,9 @@ def test_sid_distillation_targets_are_the_item_softmax_marginals_under_the_true_
                 q = q / q.sum()
                 expected[row] += -(q * logits[row].log_softmax(-1)).sum() / len(level_logits)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    unrestricted = module._distillation_ce(item_logits, sid, level_logits)
-    assert not torch.allclose(unrestricted, got)  # the restriction changes the targets
+    unrestricted = module._distillation_ce(item_logits.log_softmax(-1), sid, level_logits)
+    assert not torch.allclose(unrestricted[rows], got[rows])  # the restriction changes the targets
+    torch.testing.assert_close(unrestricted[[0, 2, 3, 6]], got[[0, 2, 3, 6]])  # and only there
     one_hot = torch.full((n, items), -1e4).scatter(1, (target - 1).unsqueeze(1), 1e4)
     hard = torch.stack(
         [
@@ -194,7 +226,7 @@ def test_sid_distillation_targets_are_the_item_softmax_marginals_under_the_true_
             for i, lg in enumerate(level_logits)
         ]
     ).mean(0)
-    torch.testing.assert_close(module._distillation_ce(one_hot, sid, level_logits), hard)
+    torch.testing.assert_close(module._distillation_ce(one_hot.log_softmax(-1), sid, level_logits), hard)
     assert not torch.allclose(got, hard)
     with pytest.raises(ConfigError, match="sid_distill needs the item head"):
         _module(registry, sid_distill=0.5)
@@ -227,3 +259,30 @@ def test_distillation_mixes_into_the_sid_loss_with_its_weight_except_on_search_r
         assert module.model.heads[-1].weight.grad.abs().sum() > 0
     search = 3
     torch.testing.assert_close(losses(1.0, search)[1]["loss"], losses(0.0, search)[1]["loss"])
+
+
+def test_the_shared_memory_decoder_gives_the_reference_logits_with_a_state_reading_decoder():
+    """Validation, test and serving decode with SharedMemoryDecoder; with the slot state in the
+    decoder's start its logits must still be those of next_logits on memory indexed per beam."""
+    from nestrec.oxygen.shared_memory_decoder import SharedMemoryDecoder
+
+    registry = _registry()
+    module = _module(registry, decoder_reads_state=True)
+    batch = _dense_batch(4, registry.num_items, seed=5)
+    rows = {k: v[:, -1] for k, v in batch.items() if k not in ("history", "targets")}
+    rows.update(history=batch["history"], target=batch["targets"][:, -1])
+    with torch.no_grad():
+        encoded = module.model.encode(rows)
+        decoder = SharedMemoryDecoder(module.model)
+        assert decoder.supported
+        prepared = decoder.prepare(encoded)
+        beams = torch.arange(4).repeat_interleave(3)
+        prefix = torch.randint(0, 4, (12, 1), generator=torch.Generator().manual_seed(0))
+        reference = module.model.next_logits({k: v[beams] for k, v in encoded.items()}, prefix)
+        torch.testing.assert_close(decoder.next_logits(prepared, beams, prefix), reference, rtol=0, atol=1e-5)
+        without = dict(encoded, slot_state=torch.zeros_like(encoded["slot_state"]))
+        assert not torch.allclose(
+            module.model.next_logits({k: v[beams] for k, v in without.items()}, prefix), reference
+        )
+    with pytest.raises(ConfigError, match="decoder_reads_state needs the causal encoder"):
+        _module(registry, decoder_reads_state=True, encoder_window=0)

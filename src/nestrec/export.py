@@ -64,6 +64,7 @@ MODEL_KEYS = (
     "encoder_window",
     "user_trigger_items",
     "attention_dropout",
+    "decoder_reads_state",
 )
 DEFAULT_K = 10
 

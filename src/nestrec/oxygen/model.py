@@ -56,6 +56,19 @@ IGR_MODES = ("semantic", "recent", "random", "none")
 EMBEDDING_INITS = ("scaled", "unit")
 
 
+def _distinct_rows(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first, inverse)``: one row index per distinct ``(history, profile)`` and, per row, which
+    of them it is (``batch[...][first][inverse]`` gives back the batch's encoder inputs)."""
+    key = batch["history"]
+    if "profile" in batch:
+        key = torch.cat([key, batch["profile"].to(key.dtype)], 1)
+    _, inverse = torch.unique(key, dim=0, return_inverse=True)
+    rows = torch.arange(len(key), device=key.device)
+    first = torch.full((int(inverse.max()) + 1 if len(key) else 0,), len(key), device=key.device)
+    first = first.scatter_reduce(0, inverse, rows, "amin")
+    return first, inverse
+
+
 def _mlp(inp: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(inp, out), nn.GELU(), nn.Linear(out, out))
 
@@ -91,6 +104,7 @@ class OxygenModel(nn.Module):
         user_trigger_items: int = 10,
         attention_dropout: float = 0.0,
         embedding_init: str = "scaled",
+        decoder_reads_state: bool = False,
     ):
         super().__init__()
         if embedding_init not in EMBEDDING_INITS:
@@ -116,6 +130,11 @@ class OxygenModel(nn.Module):
             igr_stop_grad,
         )
         self.instruction, self.instruction_position = instruction, instruction_position
+        if decoder_reads_state and not window_len:
+            raise ConfigError(
+                "decoder_reads_state needs the causal encoder's slot state (encoder_window > 0)"
+            )
+        self.decoder_reads_state = decoder_reads_state
 
         d = d_model
         self.item_id = (
@@ -279,14 +298,20 @@ class OxygenModel(nn.Module):
     def encode(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Encoder memory, instruction and query of each row (its one target: the next item)."""
         if self.window_len:
-            states = self.encode_window(batch)
+            # Evaluation rows come in groups that share a history (one per scenario of a user):
+            # the causal encoder runs once per distinct (history, profile), the instructions per row.
+            first, inverse = _distinct_rows(batch)
             b = len(batch["history"])
+            rowwise = {
+                k: v[first] for k, v in batch.items() if torch.is_tensor(v) and v.dim() and len(v) == b
+            }
+            states = self.encode_window(rowwise)
             user = self.recent_mean(states["window"], states["window_reprs"])
-            i_s, i_r = self.instructions(batch, None if user is None else user[:, -1])
+            i_s, i_r = self.instructions(batch, None if user is None else user[inverse, -1])
             last = torch.full(
                 (b,), states["window"].shape[1] - 1, dtype=torch.long, device=states["pad"].device
             )
-            memory, pad = self.slot_memory(states, torch.arange(b, device=last.device), last)
+            memory, pad = self.slot_memory(states, inverse, last)
             instr = self.fuse_instruction(torch.cat([i_s, i_r], -1))
             return {
                 "memory": memory,
@@ -295,7 +320,8 @@ class OxygenModel(nn.Module):
                 "q": self.query(i_s, i_r),
                 "i_s": i_s,
                 "i_r": i_r,
-                "retrieved": states["retrieved"],
+                "retrieved": states["retrieved"][inverse],
+                "slot_state": memory[:, -1],
             }
         self.check_batch(batch)
         history = batch["history"]
@@ -411,11 +437,21 @@ class OxygenModel(nn.Module):
         return memory, pad
 
     # -- decoder --------------------------------------------------------------------------------------
-    def decoder_prefix(self, instr: torch.Tensor) -> torch.Tensor:
+    def decoder_prefix(self, instr: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder's leading positions before any SID token: BOS and/or the instruction vector,
-        as ``instruction_position`` places them (public: the serving decoder builds on it)."""
+        as ``instruction_position`` places them (public: the serving decoder builds on it).
+
+        With ``decoder_reads_state`` the BOS position also carries the encoder's slot ``state``
+        (``[N, d]``): the item head ranks from that one vector, and the decoder otherwise reaches
+        it only through cross-attention over all memory slots."""
         b = len(instr)
         bos = self.bos.expand(b, -1)
+        if self.decoder_reads_state:
+            if state is None:
+                raise ConfigError(
+                    "this decoder starts from the encoder's slot state: pass encoded['slot_state']"
+                )
+            bos = bos + state
         if self.instruction == "none":
             return bos.unsqueeze(1)
         if self.instruction_position == "replace_bos":
@@ -426,7 +462,7 @@ class OxygenModel(nn.Module):
 
     def decode(self, encoded: dict[str, torch.Tensor], sid_prefix: torch.Tensor) -> torch.Tensor:
         """Decoder states ``[N, P + l, d]`` for SID prefix tokens ``[N, l]``."""
-        prefix = self.decoder_prefix(encoded["instr"])
+        prefix = self.decoder_prefix(encoded["instr"], encoded.get("slot_state"))
         parts = [prefix] + [self.tokens[i](sid_prefix[:, i]).unsqueeze(1) for i in range(sid_prefix.shape[1])]
         x = torch.cat(parts, 1)
         x = x + self.dec_pos(torch.arange(x.shape[1], device=x.device))

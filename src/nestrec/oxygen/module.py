@@ -28,6 +28,7 @@ from nestrec.evaluation import NextItemRecommender
 from nestrec.oxygen.decoding import constrained_beam_search, items_from_beams
 from nestrec.oxygen.losses import batch_variance, q2i_loss
 from nestrec.oxygen.model import OxygenModel
+from nestrec.oxygen.shared_memory_decoder import SharedMemoryDecoder
 from nestrec.oxygen.sid import SIDRegistry
 from nestrec.schedules import LRSchedule, with_schedule
 from nestrec.sharding.item_embedding import ShardedItemEmbedding
@@ -84,6 +85,7 @@ class OxygenPretrainModule(NextItemRecommender):
         item_loss: float = 0.0,
         sid_distill: float = 0.0,
         embedding_init: Literal["scaled", "unit"] = "scaled",
+        decoder_reads_state: bool = False,
     ):
         super().__init__(num_items, genre_item_mask, ks, exclude_history)
         self.save_hyperparameters(ignore=["genre_item_mask", "registry_state"])
@@ -144,6 +146,7 @@ class OxygenPretrainModule(NextItemRecommender):
             user_trigger_items=user_trigger_items,
             attention_dropout=attention_dropout,
             embedding_init=embedding_init,
+            decoder_reads_state=decoder_reads_state,
         )
 
     # -- training ---------------------------------------------------------------------------------------
@@ -215,22 +218,19 @@ class OxygenPretrainModule(NextItemRecommender):
             # softmax on the encoder's slot state, tied to the input item representations, trains
             # the encoder the way SASRec's causal loss does; the decoder then maps that state to SIDs.
             catalogue = self.model.item_repr(torch.arange(1, self.num_items + 1, device=target.device))
-            item_logits = encoded["slot_state"] @ catalogue.t()
-            item_ce = F.cross_entropy(item_logits, target - 1)
+            item_log_probs = F.log_softmax(encoded["slot_state"] @ catalogue.t(), -1)
+            item_ce = F.nll_loss(item_log_probs, target - 1)
             out["item_ce"] = item_ce
             if self.hparams.sid_distill:
                 # The item head reads the encoder state only, not the instruction: it is a teacher
                 # for homepage and related rows, for channel rows inside the channel's genre, and
                 # none for search (the query names the target's genres and decade).
                 scenario = encoded["scenario"]
-                channel = scenario == SCENARIO_KINDS.index("channel")
-                candidates = None
-                if bool(channel.any()) and self.genre_item_mask.numel():
-                    candidates = torch.ones(
-                        len(target), self.num_items + 1, dtype=torch.bool, device=target.device
-                    )
-                    candidates[channel] = self.genre_item_mask[encoded["trigger_genre"][channel].clamp(min=0)]
-                soft = self._distillation_ce(item_logits.detach(), sid, logits, candidates)
+                channel = (scenario == SCENARIO_KINDS.index("channel")).nonzero().flatten()
+                restrict = None
+                if len(channel) and self.genre_item_mask.numel():
+                    restrict = channel, self.genre_item_mask[encoded["trigger_genre"][channel].clamp(min=0)]
+                soft = self._distillation_ce(item_log_probs.detach(), sid, logits, restrict)
                 beta = self.hparams.sid_distill * (scenario != SCENARIO_KINDS.index("search"))
                 per_sample = (1 - beta) * hard + beta * soft
                 out["sid_distill"] = soft.mean()
@@ -268,10 +268,10 @@ class OxygenPretrainModule(NextItemRecommender):
 
     def _distillation_ce(
         self,
-        item_logits: torch.Tensor,
+        item_log_probs: torch.Tensor,
         sid: torch.Tensor,
         level_logits: list[torch.Tensor],
-        candidates: torch.Tensor | None = None,
+        restrict: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Per-target cross-entropy of each SID level against the item head's own belief, ``[N]``.
 
@@ -280,30 +280,36 @@ class OxygenPretrainModule(NextItemRecommender):
         decoder's one-hot-trained levels reach 0.122; the level-1 choice is nearly as good as the
         marginal's (top-5 0.58 vs 0.63), the loss is in the deeper levels. So each level ``l`` is
         also trained towards ``q_l(c) = P(code_l = c | the target's true prefix)`` under the
-        (detached) item softmax, restricted to the row's ``candidates`` (``[N, items + 1]`` bool,
-        e.g. a channel's genre): the mass of the items below each child of the prefix's trie node.
+        (detached) item softmax ``item_log_probs [N, items]``, on the rows ``restrict = (rows,
+        allowed [len(rows), items + 1] bool)`` names only over their allowed items (a channel's
+        genre): the mass of the items below each child of the prefix's trie node.
         The generator stays a generator; it learns which sibling codes are plausible, not only
         the one that was watched."""
-        trie = self.trie
-        order, span = trie.item_spans()
-        if trie.child.device != item_logits.device:
-            trie.child = trie.child.to(item_logits.device)
-        order, span = order.to(item_logits.device), span.to(item_logits.device)
-        # float64: a deep node's mass is a difference of two cumulative sums near 1
-        probs = item_logits.double().softmax(-1)[:, order - 1]
-        if candidates is not None:
-            probs = probs * candidates[:, order]
-        cumulative = F.pad(probs.cumsum(1), (1, 0))
+        trie, codes = self.trie, self.model.sid_codes
+        device = item_log_probs.device
+        order, span = (t.to(device) for t in trie.item_spans())
+        if trie.child.device != device:
+            trie.child = trie.child.to(device)
+        probs = item_log_probs.float().exp()
+        if restrict is not None:
+            rows, allowed = restrict
+            probs[rows] = probs[rows] * allowed[:, 1:]
         node = torch.zeros(len(sid), dtype=torch.long, device=sid.device)
         losses = []
         for level, logits in enumerate(level_logits):
-            children = trie.child[node][:, : logits.shape[1]]  # [N, vocab_l], -1 = no edge
-            bounds = span[children.clamp(min=0)]  # [N, vocab_l, 2]
-            mass = cumulative.gather(1, bounds[..., 1]) - cumulative.gather(1, bounds[..., 0])
-            mass = mass.clamp(min=0) * (children >= 0)
-            q = (mass / mass.sum(1, keepdim=True).clamp(min=1e-300)).to(logits.dtype)
+            if level == 0:  # every item is under the root: one product with the level-1 one-hot
+                mass = probs @ F.one_hot(codes[1:, 0], logits.shape[1]).to(probs.dtype)
+            else:  # the prefix's items are a short contiguous run of the SID order: gather it
+                start, end = span[node, 0], span[node, 1]
+                width = int((end - start).max())
+                positions = start.unsqueeze(1) + torch.arange(width, device=sid.device)
+                inside = positions < end.unsqueeze(1)
+                items = order[positions.clamp(max=len(order) - 1)]
+                under = probs.gather(1, items - 1) * inside
+                mass = torch.zeros_like(logits, dtype=probs.dtype).scatter_add_(1, codes[items, level], under)
+            q = (mass / mass.sum(1, keepdim=True).clamp(min=1e-30)).to(logits.dtype)
             losses.append(-(q * F.log_softmax(logits, -1)).sum(1))
-            node = children.gather(1, sid[:, level : level + 1]).squeeze(1)
+            node = trie.child[node, sid[:, level]]
         return torch.stack(losses).mean(0)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -326,10 +332,13 @@ class OxygenPretrainModule(NextItemRecommender):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top items ``[B, max_items]`` (0-padded) and scores by trie-constrained beam search."""
         encoded = self.model.encode(batch)
+        # Keys / values of each row's memory projected once, not once per beam and level (the
+        # serving decoder; the same logits as next_logits on the memory indexed per beam).
+        decoder = SharedMemoryDecoder(self.model)
+        prepared = decoder.prepare(encoded)
 
         def step(rows: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
-            sub = {k: v[rows] for k, v in encoded.items()}
-            return self.model.next_logits(sub, prefix)
+            return decoder.next_logits(prepared, rows, prefix)
 
         if self.trie.child.device != self.device:
             self.trie.child = self.trie.child.to(self.device)

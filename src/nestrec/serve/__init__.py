@@ -2,8 +2,9 @@
 
 ``python -m nestrec.export`` writes the artifact; ``python -m nestrec.serve artifact=DIR`` serves
 it. Modules, one job each: :mod:`~nestrec.serve.artifact` (format, loading, checks),
-:mod:`~nestrec.serve.engine` (batched decoding), :mod:`~nestrec.serve.decoder` (beam search that
-projects the encoder memory once per request), :mod:`~nestrec.serve.instructions` (cached reasoning
+:mod:`~nestrec.serve.engine` (batched decoding with
+:mod:`~nestrec.oxygen.shared_memory_decoder`, which validation and test use too),
+:mod:`~nestrec.serve.instructions` (cached reasoning
 instructions, query encoding), :mod:`~nestrec.serve.resolve` (request -> model query),
 :mod:`~nestrec.serve.batching` (micro-batching, deadlines), :mod:`~nestrec.serve.metrics`,
 :mod:`~nestrec.serve.schema`, :mod:`~nestrec.serve.settings` (``key=value`` settings),

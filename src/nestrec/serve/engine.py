@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from nestrec.oxygen.decoding import constrained_beam_search, items_from_beams
+from nestrec.oxygen.shared_memory_decoder import SharedMemoryDecoder
 from nestrec.serve.artifact import Artifact
-from nestrec.serve.decoder import SharedMemoryDecoder
 
 __all__ = ["Query", "Ranked", "Recommender"]
 
@@ -47,7 +47,7 @@ class Ranked:
 class Recommender:
     """Runs queries through an artifact's model on the artifact's device.
 
-    ``shared_memory=True`` decodes with :class:`~nestrec.serve.decoder.SharedMemoryDecoder`
+    ``shared_memory=True`` decodes with :class:`~nestrec.oxygen.shared_memory_decoder.SharedMemoryDecoder`
     (encoder keys/values projected once per request, not once per beam); ``False`` is the
     reference decoding of ``OxygenPretrainModule.recommend``, kept for comparison.
     """

@@ -115,7 +115,8 @@ class SharedMemoryDecoder:
         )
         if not self.supported or not grouped:  # not beams-of-requests in order: the reference path
             return model.next_logits({k: v[rows] for k, v in prepared.encoded.items()}, prefix)
-        start = model.decoder_prefix(prepared.encoded["instr"][rows])
+        state = prepared.encoded.get("slot_state")
+        start = model.decoder_prefix(prepared.encoded["instr"][rows], None if state is None else state[rows])
         parts = [start] + [model.tokens[i](prefix[:, i]).unsqueeze(1) for i in range(prefix.shape[1])]
         x = torch.cat(parts, 1)
         x = x + model.dec_pos(torch.arange(x.shape[1], device=x.device))

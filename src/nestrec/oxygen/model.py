@@ -413,6 +413,26 @@ class OxygenModel(nn.Module):
             "retrieved": retrieved,
         }
 
+    def slot_memory_index(
+        self, states: dict[str, torch.Tensor], rows: torch.Tensor, slots: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which encoder positions the decoder of each (row, window slot) pair reads,
+        ``[N, prefix + recent_len]`` (the row's profile and IGR positions, then the ``recent_len``
+        slots ending at the slot, oldest first; the last one is the slot itself), and the padding
+        mask of those positions (True = not read)."""
+        prefix = states["prefix"]
+        back = torch.arange(self.recent_len - 1, -1, -1, device=slots.device)
+        recent = slots.unsqueeze(1) - back  # [N, R], oldest first
+        before_window = recent < 0
+        index = torch.cat(
+            [torch.arange(prefix, device=slots.device).expand(len(slots), -1), prefix + recent.clamp(min=0)],
+            1,
+        )
+        pad = states["pad"][rows.unsqueeze(1), index]
+        pad[:, prefix:] |= before_window
+        pad[:, -1] = False  # the slot's own state always conditions the decoder (even an empty history)
+        return index, pad
+
     def slot_memory(
         self, states: dict[str, torch.Tensor], rows: torch.Tensor, slots: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -422,19 +442,8 @@ class OxygenModel(nn.Module):
 
         The decoder thus reads individual recent items, as in the one-target encoder, but from
         states that saw the whole window before them."""
-        prefix = states["prefix"]
-        back = torch.arange(self.recent_len - 1, -1, -1, device=slots.device)
-        recent = slots.unsqueeze(1) - back  # [N, R], oldest first
-        before_window = recent < 0
-        recent = recent.clamp(min=0)
-        h = states["states"][rows.unsqueeze(1), prefix + recent]
-        memory = torch.cat([states["states"][rows, :prefix], h], 1)
-        pad = torch.cat(
-            [states["pad"][rows, :prefix], states["pad"][rows.unsqueeze(1), prefix + recent] | before_window],
-            1,
-        )
-        pad[:, -1] = False  # the slot's own state always conditions the decoder (even an empty history)
-        return memory, pad
+        index, pad = self.slot_memory_index(states, rows, slots)
+        return states["states"][rows.unsqueeze(1), index], pad
 
     # -- decoder --------------------------------------------------------------------------------------
     def decoder_prefix(self, instr: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
@@ -467,10 +476,50 @@ class OxygenModel(nn.Module):
         x = torch.cat(parts, 1)
         x = x + self.dec_pos(torch.arange(x.shape[1], device=x.device))
         causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1], device=x.device, dtype=torch.bool)
+        if "memory" not in encoded:  # dense training: memory given as positions of the encoder states
+            return self.dec_norm(self._decode_over_states(x, causal, encoded))
         out = self.decoder(
             x, encoded["memory"], tgt_mask=causal, memory_key_padding_mask=encoded["pad"], tgt_is_causal=True
         )
         return self.dec_norm(out)
+
+    @property
+    def decodes_over_states(self) -> bool:
+        """Whether :meth:`decode` can read dense-training memory as encoder positions (the plain
+        pre-norm decoder layers; the MoE layers take materialised memory)."""
+        return all(
+            isinstance(layer, nn.TransformerDecoderLayer) and layer.norm_first
+            for layer in self.decoder.layers
+        )
+
+    def _decode_over_states(
+        self, x: torch.Tensor, causal: torch.Tensor, encoded: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """``nn.TransformerDecoder``'s pre-norm layers, with cross-attention keys and values
+        projected once per encoder position, not once per (target, memory slot).
+
+        Why: a dense row's ~100 targets each read 31 memory slots, almost all shared with the
+        row's other targets; projecting the gathered ``[N, 31, d]`` memory in every layer (and
+        ``nn.MultiheadAttention``'s packing copies and their zero-filled gradients) was about a
+        third of a training step. Here each layer projects ``states [B, S, d]`` and gathers the
+        projected keys/values of every target's ``memory_index`` — the same arithmetic."""
+        states, rows, index = encoded["states"], encoded["memory_rows"], encoded["memory_index"]
+        n, length, d = x.shape
+        attend = (~encoded["pad"]).view(n, 1, 1, -1)
+        for layer in self.decoder.layers:
+            x = x + layer._sa_block(layer.norm1(x), causal, None, True)
+            mha = layer.multihead_attn
+            heads, bias = mha.num_heads, mha.in_proj_bias
+            q = F.linear(layer.norm2(x), mha.in_proj_weight[:d], None if bias is None else bias[:d])
+            kv = F.linear(states, mha.in_proj_weight[d:], None if bias is None else bias[d:])
+            kv = kv[rows.unsqueeze(1), index].view(n, index.shape[1], 2, heads, d // heads)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # [N, heads, M, head_dim] each
+            q = q.view(n, length, heads, d // heads).transpose(1, 2)
+            dropout = mha.dropout if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout)
+            x = x + layer.dropout2(mha.out_proj(out.transpose(1, 2).reshape(n, length, d)))
+            x = x + layer._ff_block(layer.norm3(x))
+        return x
 
     def sid_logits(self, encoded: dict[str, torch.Tensor], target_sid: torch.Tensor) -> list[torch.Tensor]:
         """Teacher-forced logits of every level: ``[B, vocab_l]`` each."""

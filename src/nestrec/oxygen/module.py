@@ -179,7 +179,7 @@ class OxygenPretrainModule(NextItemRecommender):
         states = self.model.encode_window(batch)
         targets = batch["targets"]
         rows, slots = (targets > 0).nonzero(as_tuple=True)
-        memory, pad = self.model.slot_memory(states, rows, slots)
+        index, pad = self.model.slot_memory_index(states, rows, slots)
         user = self.model.recent_mean(states["window"], states["window_reprs"])
         flat = {
             key: batch[key][rows, slots]
@@ -189,15 +189,18 @@ class OxygenPretrainModule(NextItemRecommender):
         i_s, i_r = self.model.instructions(flat, None if user is None else user[rows, slots])
         instr = self.model.fuse_instruction(torch.cat([i_s, i_r], -1))
         encoded = {
-            "memory": memory,
             "pad": pad,
             "instr": instr,
             "i_s": i_s,
             "i_r": i_r,
-            "slot_state": memory[:, -1],
+            "slot_state": states["states"][rows, states["prefix"] + slots],
             "scenario": flat["scenario"],
             "trigger_genre": flat["trigger_genre"],
         }
+        if self.model.decodes_over_states:  # memory stays positions of the row's encoder states
+            encoded.update(states=states["states"], memory_rows=rows, memory_index=index)
+        else:
+            encoded["memory"] = states["states"][rows.unsqueeze(1), index]
         return encoded, targets[rows, slots], rows, slots
 
     def _objective(

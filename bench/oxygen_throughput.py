@@ -46,8 +46,10 @@ def main() -> None:
         ("dense", "train", args.dense_batch),
     ):
         # single: the one-target encoder ([profile; 20 recent; IGR picks], encoder_window 0) on pairs;
-        # dense: the causal window encoder on dense rows, with the recipe's auxiliary item loss.
-        kwargs = {**dm.model_kwargs(), **({"encoder_window": 0} if mode == "single" else {"item_loss": 1.0})}
+        # dense: the causal window encoder on dense rows, with the recipe's auxiliary item loss,
+        # state-reading decoder and SID distillation (conf/recipe/oxygenrec_pretrain.yaml).
+        dense = {"item_loss": 0.5, "decoder_reads_state": True, "sid_distill": 0.5}
+        kwargs = {**dm.model_kwargs(), **({"encoder_window": 0} if mode == "single" else dense)}
         module = OxygenPretrainModule(**kwargs)
         dm.train_rows, dm.hparams.batch_size = rows, batch
         modes[mode] = {

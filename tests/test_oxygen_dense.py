@@ -89,10 +89,10 @@ def _slot_logits(module: OxygenPretrainModule, batch) -> torch.Tensor:
     return torch.cat(logits, 1).view(len(batch["history"]), WINDOW, -1)
 
 
-@pytest.mark.parametrize("cut", [0, 2, 4])
-def test_no_slot_reads_a_later_item_or_a_later_slots_instruction(cut):
+@pytest.mark.parametrize("cut,reads_state", [(0, False), (2, False), (4, False), (2, True)])
+def test_no_slot_reads_a_later_item_or_a_later_slots_instruction(cut, reads_state):
     registry = _registry()
-    module = _module(registry)
+    module = _module(registry, decoder_reads_state=reads_state)
     batch = _dense_batch(5, registry.num_items)
     before = _slot_logits(module, batch)
     later = {k: v.clone() for k, v in batch.items()}
@@ -227,6 +227,15 @@ def test_sid_distillation_targets_are_the_item_softmax_marginals_under_the_true_
         ]
     ).mean(0)
     torch.testing.assert_close(module._distillation_ce(one_hot.log_softmax(-1), sid, level_logits), hard)
+    # Every item under the target's level-1 code far below the rest (their softmax underflows):
+    # the deeper levels fall back to the one-hot loss instead of contributing nothing.
+    first = codes[1:, 0] == sid[0, 0]
+    lost = torch.where(first, -1e4, 0.0).expand(1, -1)
+    level0 = torch.zeros(level_logits[0].shape[1]).index_add_(0, codes[1:, 0], (~first).float())
+    level0 = -(level0 / level0.sum() * level_logits[0][0].log_softmax(-1)).sum()
+    deeper = [torch.nn.functional.cross_entropy(lg[:1], sid[:1, i]) for i, lg in enumerate(level_logits) if i]
+    got = module._distillation_ce(lost.log_softmax(-1), sid[:1], [lg[:1] for lg in level_logits])
+    torch.testing.assert_close(got, ((level0 + sum(deeper)) / len(level_logits)).view(1))
     assert not torch.allclose(got, hard)
     with pytest.raises(ConfigError, match="sid_distill needs the item head"):
         _module(registry, sid_distill=0.5)

@@ -300,6 +300,7 @@ class OxygenModel(nn.Module):
         if self.window_len:
             # Evaluation rows come in groups that share a history (one per scenario of a user):
             # the causal encoder runs once per distinct (history, profile), the instructions per row.
+            self.check_batch(batch)  # every row: the encoder below sees one row per history
             first, inverse = _distinct_rows(batch)
             b = len(batch["history"])
             rowwise = {
@@ -485,12 +486,24 @@ class OxygenModel(nn.Module):
 
     @property
     def decodes_over_states(self) -> bool:
-        """Whether :meth:`decode` can read dense-training memory as encoder positions (the plain
-        pre-norm decoder layers; the MoE layers take materialised memory)."""
-        return all(
-            isinstance(layer, nn.TransformerDecoderLayer) and layer.norm_first
-            for layer in self.decoder.layers
-        )
+        """Whether the decoder is the pre-norm ``nn.TransformerDecoderLayer`` stack (MoE layers
+        included: they only replace the feed-forward block) that :meth:`_decode_over_states` and
+        the shared-memory beam decoder re-implement: no final decoder norm, packed batch-first
+        attention without extra key/value biases. Otherwise dense training materialises memory."""
+        if getattr(self.decoder, "norm", None) is not None:
+            return False
+        for layer in self.decoder.layers:
+            mha = getattr(layer, "multihead_attn", None)
+            if not (isinstance(layer, nn.TransformerDecoderLayer) and layer.norm_first and mha is not None):
+                return False
+            if (
+                mha.bias_k is not None
+                or mha.add_zero_attn
+                or not mha._qkv_same_embed_dim
+                or not mha.batch_first
+            ):
+                return False
+        return True
 
     def _decode_over_states(
         self, x: torch.Tensor, causal: torch.Tensor, encoded: dict[str, torch.Tensor]

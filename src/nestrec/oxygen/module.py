@@ -216,7 +216,8 @@ class OxygenPretrainModule(NextItemRecommender):
             [F.cross_entropy(lg, sid[:, level], reduction="none") for level, lg in enumerate(logits)]
         ).mean(0)
         per_sample, out = hard, {}
-        if self.hparams.item_loss and "slot_state" in encoded:
+        # Dense training pairs carry their scenario (dense_pairs); one-target rows do not.
+        if self.hparams.item_loss and "scenario" in encoded:
             # Auxiliary training signal (issue: allowed, never used for ranking): a full item-ID
             # softmax on the encoder's slot state, tied to the input item representations, trains
             # the encoder the way SASRec's causal loss does; the decoder then maps that state to SIDs.
@@ -228,11 +229,11 @@ class OxygenPretrainModule(NextItemRecommender):
                 # The item head reads the encoder state only, not the instruction: it is a teacher
                 # for homepage and related rows, for channel rows inside the channel's genre, and
                 # none for search (the query names the target's genres and decade).
-                scenario = encoded["scenario"]
-                channel = (scenario == SCENARIO_KINDS.index("channel")).nonzero().flatten()
+                scenario, genre = encoded["scenario"], encoded["trigger_genre"]
+                channel = (genre >= 0).nonzero().flatten()  # as candidate_mask picks them
                 restrict = None
                 if len(channel) and self.genre_item_mask.numel():
-                    restrict = channel, self.genre_item_mask[encoded["trigger_genre"][channel].clamp(min=0)]
+                    restrict = channel, self.genre_item_mask[genre[channel]]
                 soft = self._distillation_ce(item_log_probs.detach(), sid, logits, restrict)
                 beta = self.hparams.sid_distill * (scenario != SCENARIO_KINDS.index("search"))
                 per_sample = (1 - beta) * hard + beta * soft
@@ -290,7 +291,9 @@ class OxygenPretrainModule(NextItemRecommender):
         the one that was watched."""
         trie, codes = self.trie, self.model.sid_codes
         device = item_log_probs.device
-        order, span = (t.to(device) for t in trie.item_spans())
+        if getattr(self, "_item_spans", (None,))[0] != device:  # one copy per device, not per step
+            self._item_spans = (device, *(t.to(device) for t in trie.item_spans()))
+        _, order, span = self._item_spans
         if trie.child.device != device:
             trie.child = trie.child.to(device)
         probs = item_log_probs.float().exp()
@@ -310,7 +313,11 @@ class OxygenPretrainModule(NextItemRecommender):
                 items = order[positions.clamp(max=len(order) - 1)]
                 under = probs.gather(1, items - 1) * inside
                 mass = torch.zeros_like(logits, dtype=probs.dtype).scatter_add_(1, codes[items, level], under)
-            q = (mass / mass.sum(1, keepdim=True).clamp(min=1e-30)).to(logits.dtype)
+            total = mass.sum(1, keepdim=True)
+            # Every item under the prefix underflowed (the head is far off): the one-hot target,
+            # not a zero row that would drop this level's loss.
+            one_hot = F.one_hot(sid[:, level], logits.shape[1]).to(mass.dtype)
+            q = torch.where(total > 0, mass / total.clamp(min=1e-30), one_hot).to(logits.dtype)
             losses.append(-(q * F.log_softmax(logits, -1)).sum(1))
             node = trie.child[node, sid[:, level]]
         return torch.stack(losses).mean(0)

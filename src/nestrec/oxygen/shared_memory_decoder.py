@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from nestrec.oxygen.model import OxygenModel
 
@@ -36,16 +35,7 @@ class _Prepared:
 
 
 def _supported(model: OxygenModel) -> bool:
-    decoder = model.decoder
-    if getattr(decoder, "norm", None) is not None:
-        return False
-    for layer in decoder.layers:
-        mha = getattr(layer, "multihead_attn", None)
-        if not (isinstance(layer, nn.TransformerDecoderLayer) and layer.norm_first and mha is not None):
-            return False
-        if mha.bias_k is not None or mha.add_zero_attn or not mha._qkv_same_embed_dim or not mha.batch_first:
-            return False
-    return True
+    return model.decodes_over_states  # the same layer shapes the dense training path re-implements
 
 
 class SharedMemoryDecoder:

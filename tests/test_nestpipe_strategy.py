@@ -166,21 +166,27 @@ def test_resume_is_bit_identical_and_reshards(tmp_path):
 
 
 def test_bad_run_inputs_are_one_line_errors(tmp_path):
-    result = run_nestrec(
-        [*DLRM, "logger=none", "strategy.host_memory_budget_gb=0.000001"], tmp_path, env_extra=_env(tmp_path)
-    )
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = {
+        "budget": ["strategy.host_memory_budget_gb=0.000001"],
+        "checkpoint": [f"run.ckpt_path={tmp_path / 'missing.ckpt'}"],
+        "world": ["data.batch_size=63", "trainer.devices=2"],
+    }
+
+    def run(name: str):  # three user runs at once (each mostly start-up), each in its own directory
+        (tmp_path / name).mkdir()
+        return run_nestrec([*DLRM, "logger=none", *cases[name]], tmp_path / name, env_extra=_env(tmp_path))
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        results = dict(zip(cases, pool.map(run, cases)))
+    result = results["budget"]
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "over the host_memory_budget_gb=1e-06; use at least" in result.stderr
-    result = run_nestrec(
-        [*DLRM, "logger=none", f"run.ckpt_path={tmp_path / 'missing.ckpt'}"],
-        tmp_path,
-        env_extra=_env(tmp_path),
-    )
+    result = results["checkpoint"]
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "missing.ckpt" in result.stderr
-    result = run_nestrec(
-        [*DLRM, "logger=none", "data.batch_size=63", "trainer.devices=2"], tmp_path, env_extra=_env(tmp_path)
-    )
+    result = results["world"]
     assert (
         result.returncode != 0
         and "global batch size 63 is not divisible by the world size 2" in result.stderr

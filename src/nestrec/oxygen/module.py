@@ -29,7 +29,7 @@ from nestrec.oxygen.decoding import constrained_beam_search, items_from_beams
 from nestrec.oxygen.losses import batch_variance, q2i_loss
 from nestrec.oxygen.model import OxygenModel
 from nestrec.oxygen.shared_memory_decoder import SharedMemoryDecoder
-from nestrec.oxygen.sid import SIDRegistry
+from nestrec.oxygen.sid import PrefixTrie, SIDRegistry
 from nestrec.schedules import LRSchedule, with_schedule
 from nestrec.sharding.item_embedding import ShardedItemEmbedding
 
@@ -270,6 +270,12 @@ class OxygenPretrainModule(NextItemRecommender):
             out["q2i_query_variance"] = batch_variance(q.detach())
         return out
 
+    def _trie_on(self, device: torch.device) -> PrefixTrie:
+        """The registry's trie with its transition table on ``device`` (moved once, then reused)."""
+        if self.trie.child.device != device:
+            self.trie.child = self.trie.child.to(device)
+        return self.trie
+
     def _distillation_ce(
         self,
         item_log_probs: torch.Tensor,
@@ -289,13 +295,11 @@ class OxygenPretrainModule(NextItemRecommender):
         genre): the mass of the items below each child of the prefix's trie node.
         The generator stays a generator; it learns which sibling codes are plausible, not only
         the one that was watched."""
-        trie, codes = self.trie, self.model.sid_codes
         device = item_log_probs.device
+        trie, codes = self._trie_on(device), self.model.sid_codes
         if getattr(self, "_item_spans", (None,))[0] != device:  # one copy per device, not per step
             self._item_spans = (device, *(t.to(device) for t in trie.item_spans()))
         _, order, span = self._item_spans
-        if trie.child.device != device:
-            trie.child = trie.child.to(device)
         probs = item_log_probs.float().exp()
         if restrict is not None:
             rows, allowed = restrict
@@ -350,9 +354,9 @@ class OxygenPretrainModule(NextItemRecommender):
         def step(rows: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
             return decoder.next_logits(prepared, rows, prefix)
 
-        if self.trie.child.device != self.device:
-            self.trie.child = self.trie.child.to(self.device)
-        result = constrained_beam_search(step, len(batch["target"]), self.trie, beam, item_mask)
+        result = constrained_beam_search(
+            step, len(batch["target"]), self._trie_on(self.device), beam, item_mask
+        )
         return items_from_beams(result, self.trie, max_items, item_mask)
 
     def _evaluate(self, batch: dict[str, torch.Tensor], metrics) -> None:
